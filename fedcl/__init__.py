@@ -1,0 +1,1 @@
+"""fedcl: a Ray-distributed simulator for federated continual learning."""
