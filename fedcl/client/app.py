@@ -1,0 +1,91 @@
+"""fedcl's default Flower ClientApp: continual local training on the client's current task.
+
+`train` trains the received global model on this client's data for its task of the round and replies
+with the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's `proximal-mu` is
+honoured). The node's `Context.state` keeps a per-client record across rounds; it lives on the actor
+the node is pinned to and never crosses the wire.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcl.client.runtime import current_runtime
+from fedcl.client.training import accuracy, train_local
+from fedcl.seeding import derive_seed
+
+app = ClientApp()
+
+STATE_KEY = "fedcl"  # the ConfigRecord in Context.state that holds fedcl's per-client bookkeeping
+
+
+def single_record(records: dict, kind: str) -> object:
+    """The one record of a kind in a message (strategies choose the key names, not the client)."""
+    if len(records) != 1:
+        raise ValueError(f"expected exactly one {kind} in the message, got {sorted(records)}")
+    return next(iter(records.values()))
+
+
+def bump_train_count(context: Context) -> int:
+    """Count, in the node's persistent state, how many times this client has trained; return it."""
+    if STATE_KEY not in context.state:
+        context.state[STATE_KEY] = ConfigRecord({"train-count": 0})
+    record = context.state[STATE_KEY]
+    record["train-count"] = int(record["train-count"]) + 1
+    return int(record["train-count"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model locally on this client's current task and reply with the new weights."""
+    runtime = current_runtime()
+    arrays = single_record(msg.content.array_records, "ArrayRecord")
+    config = single_record(msg.content.config_records, "ConfigRecord")
+    client = int(context.node_config["partition-id"])
+    server_round = int(config["server-round"])
+    task = runtime.scenario.task_of(client, server_round)
+
+    model = runtime.new_model()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    x, y = runtime.train_data(client, task)
+    train_cfg = runtime.config["train"]
+    stats = train_local(
+        model,
+        x,
+        y,
+        epochs=train_cfg["epochs"],
+        batch_size=train_cfg["batch_size"],
+        lr=train_cfg["lr"],
+        momentum=train_cfg["momentum"],
+        weight_decay=train_cfg["weight_decay"],
+        max_steps=train_cfg["max_steps"],
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=derive_seed(runtime.seed, "train", client, server_round, task),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": len(y),
+            "train-loss": stats.loss,
+            "train-steps": stats.steps,
+            "train-count": bump_train_count(context),
+            "task": task,
+        }
+    )
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received model on this client's training data of its current task."""
+    runtime = current_runtime()
+    arrays = single_record(msg.content.array_records, "ArrayRecord")
+    config = single_record(msg.content.config_records, "ConfigRecord")
+    client = int(context.node_config["partition-id"])
+    task = runtime.scenario.task_of(client, int(config["server-round"]))
+    model = runtime.new_model()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    x, y = runtime.train_data(client, task)
+    metrics = MetricRecord({"num-examples": len(y), "accuracy": accuracy(model, x, y)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

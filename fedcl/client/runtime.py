@@ -1,0 +1,68 @@
+"""The per-actor runtime the ClientApp handlers share: data views, the scenario and the model recipe.
+
+Each actor process holds one runtime, installed when the actor starts. Flower handlers only receive
+`(Message, Context)`, so they reach the shared, read-only parts of the simulation through
+`current_runtime()`; per-client state stays in each node's `Context.state`, which never leaves the actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from fedcl.models import build_model
+from fedcl.scenario.scenario import Scenario
+from fedcl.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class ClientRuntime:
+    """Read-only simulation context shared by all virtual clients of one actor."""
+
+    config: dict[str, Any]
+    scenario: Scenario
+    x_train: np.ndarray
+    y_train: np.ndarray
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def seed(self) -> int:
+        """The run's seed; derive every draw from it with `fedcl.seeding.derive_seed`."""
+        return int(self.config["seed"])
+
+    def new_model(self) -> nn.Module:
+        """A fresh model of the run's architecture (weights to be loaded from the server's arrays)."""
+        model_cfg = self.config["model"]
+        return build_model(
+            model_cfg["name"],
+            self.input_shape,
+            self.num_classes,
+            hidden=model_cfg["hidden"],
+            channels=model_cfg["channels"],
+            seed=derive_seed(self.seed, "init"),
+        )
+
+    def train_data(self, client: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of client `client`'s training inputs and labels for task `task`."""
+        positions = self.scenario.train_indices(client, task)
+        return self.x_train[positions], self.y_train[positions]
+
+
+_current: ClientRuntime | None = None
+
+
+def set_runtime(runtime: ClientRuntime | None) -> None:
+    """Install the runtime of this process (done by the actor when it starts)."""
+    global _current
+    _current = runtime
+
+
+def current_runtime() -> ClientRuntime:
+    """The runtime of this actor process; raises if called outside a fedcl actor."""
+    if _current is None:
+        raise RuntimeError("no fedcl client runtime in this process: handlers run inside fedcl actors")
+    return _current

@@ -1,0 +1,85 @@
+"""Local training and evaluation with plain torch: seeded, single-threaded, no framework in between."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one local training run did."""
+
+    loss: float  # mean cross-entropy over the steps taken
+    steps: int
+    examples: int  # samples seen, counting repeats across epochs
+
+
+def train_local(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    max_steps: int | None = None,
+) -> TrainStats:
+    """Train `model` in place with SGD on (x, y); batches and dropout draw only from `seed`.
+
+    With `proximal_mu > 0` the FedProx term (mu/2)·||w − w_start||² is added to the loss, w_start
+    being the weights the model had on entry (the global model).
+    """
+    if len(x) == 0:
+        return TrainStats(loss=0.0, steps=0, examples=0)
+    inputs, targets = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    generator = torch.Generator().manual_seed(seed)
+    total_loss, steps, examples = 0.0, 0, 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout and any other in-model randomness
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            for batch in order.split(batch_size):
+                loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+                if anchor:
+                    drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+                    loss = loss + 0.5 * proximal_mu * drift
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss)
+                steps += 1
+                examples += len(batch)
+                if max_steps is not None and steps >= max_steps:
+                    return TrainStats(total_loss / steps, steps, examples)
+    return TrainStats(total_loss / steps, steps, examples)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class predictions (argmax of the logits) of `model` on `x`."""
+    model.eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    if len(inputs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat([model(chunk).argmax(1) for chunk in inputs.split(batch_size)]).numpy()
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+    """Fraction of `x` that `model` classifies as `y` (NaN for an empty set)."""
+    if len(y) == 0:
+        return float("nan")
+    return float((predict(model, x, batch_size) == y).mean())

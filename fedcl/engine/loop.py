@@ -1,0 +1,206 @@
+"""The round loop: Flower strategy on a RayGrid, continual evaluation, recording, checkpoints.
+
+    for each round r:
+        strategy.configure_train(r, arrays, config, grid) -> messages
+        grid.send_and_receive(messages)                   -> replies (screened: NaN, shapes)
+        strategy.aggregate_train(r, replies)              -> new global arrays
+        evaluate on every task seen so far (+ the next)   -> metrics.jsonl
+        checkpoint every k rounds
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from fedcl.config import to_container, to_yaml
+from fedcl.engine.actor import RemoteClientActor
+from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
+from fedcl.engine.grid import RayGrid
+from fedcl.engine.pool import init_ray, pool_size
+from fedcl.engine.replies import screen_replies
+from fedcl.imports import load_object
+from fedcl.metrics.continual import continual_summary
+from fedcl.metrics.evaluation import TaskEvaluator, mean
+from fedcl.metrics.plots import plot_run
+from fedcl.metrics.recorder import RunRecorder
+from fedcl.models import build_model
+from fedcl.scenario.datasets import load_dataset
+from fedcl.scenario.scenario import build_scenario
+from fedcl.seeding import derive_seed
+from fedcl.strategies import build_strategy
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves: its folder, summary, per-round records and final global arrays."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    arrays: ArrayRecord | None = None
+
+
+def default_out_dir(cfg: DictConfig) -> Path:
+    """runs/<name>-<YYYYmmdd-HHMMSS> under the working directory."""
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_simulation(
+    cfg: DictConfig, out_dir: str | Path | None = None, *, progress: bool | None = None
+) -> RunResult:
+    """Run the experiment `cfg` (a validated config from `fedcl.config.load_config`).
+
+    Everything a user can get wrong (dataset, strategy, ClientApp, resources) is checked before the
+    run folder is created; a `FedclError` then leaves nothing behind.
+    """
+    started = time.perf_counter()
+    if not cfg.log.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    container = to_container(cfg)
+    dataset = load_dataset(
+        cfg.dataset.name, seed=cfg.seed, root=cfg.dataset.root, **container["dataset"]["options"]
+    )
+    scenario = build_scenario(cfg, dataset)
+    model_seed = derive_seed(cfg.seed, "init")
+
+    def new_model():
+        return build_model(
+            cfg.model.name,
+            dataset.input_shape,
+            dataset.num_classes,
+            hidden=cfg.model.hidden,
+            channels=cfg.model.channels,
+            seed=model_seed,
+        )
+
+    arrays = ArrayRecord(new_model().state_dict())
+    strategy = build_strategy(container["strategy"], cfg.clients.num)
+    load_object(cfg.client.app, what="client.app")
+    init_ray(cfg.engine.ray_address, verbose=cfg.log.verbose)
+    num_actors = pool_size(
+        cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
+    )
+
+    recorder = RunRecorder(out_dir or default_out_dir(cfg), to_yaml(cfg))
+    run_id = derive_seed(cfg.seed, "run")
+    set_server_identity(run_id)
+    data_refs = (ray.put(scenario), ray.put(dataset.x_train), ray.put(dataset.y_train))
+    actor_options = {
+        "num_cpus": cfg.engine.num_cpus_per_actor,
+        "num_gpus": cfg.engine.num_gpus_per_actor,
+    }
+    actors = [
+        RemoteClientActor.options(**actor_options).remote(
+            container, *data_refs, dataset.input_shape, dataset.num_classes, run_id
+        )
+        for _ in range(num_actors)
+    ]
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+        grid = RayGrid(actors, [node_id_of(c) for c in range(cfg.clients.num)], make_run(run_id))
+        evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
+        result = _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress)
+        result.summary.update(
+            wall_s=time.perf_counter() - started,
+            num_actors=num_actors,
+            num_clients=cfg.clients.num,
+            strategy=cfg.strategy.get("target") or cfg.strategy.get("name"),
+        )
+        recorder.write_summary(result.summary)
+        plot_run(result.records, recorder.out_dir, scenario.num_tasks, title=cfg.name)
+        return result
+    finally:
+        recorder.close()
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
+    model_key = getattr(strategy, "arrayrecord_key", "arrays")
+    init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
+    records: list[dict[str, Any]] = []
+    updates = 0
+    loop_started = time.perf_counter()
+    show = cfg.log.progress if progress is None else progress
+    bar = tqdm(total=cfg.rounds, desc="fedcl", unit="round", disable=not show, file=sys.stderr)
+    for server_round in range(1, cfg.rounds + 1):
+        round_started = time.perf_counter()
+        task = scenario.global_task(server_round)
+        # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
+        # (seed, round) makes their sampling reproducible and independent of earlier rounds.
+        random.seed(derive_seed(cfg.seed, "sample", server_round))
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages, timeout=cfg.engine.timeout_s)
+        replies, problems = screen_replies(list(replies), arrays, model_key)
+        for node_id, reason in problems:
+            bar.write(f"round {server_round}: client {node_id} failed: {reason}")
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        succeeded = sum(not reply.has_error() for reply in replies)
+        updates += succeeded
+
+        acc = evaluator.evaluate(arrays, range(task + 1))
+        has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
+        acc_next = evaluator.evaluate(arrays, [task + 1]) if has_next else {}
+        record = {
+            "round": server_round,
+            "task": task,
+            "acc": acc,
+            "acc_next": acc_next,
+            "avg_acc": mean(acc.values()),
+            "sampled": len(messages),
+            "replies": succeeded,
+            "failures": [{"node": n, "reason": r} for n, r in problems],
+            "train": dict(train_metrics) if isinstance(train_metrics, MetricRecord) else {},
+            "round_s": time.perf_counter() - round_started,
+        }
+        recorder.record_round(record)
+        records.append(record)
+        if cfg.checkpoint.every and server_round % cfg.checkpoint.every == 0:
+            _checkpoint(recorder, server_round, arrays, strategy, grid)
+        bar.set_postfix(task=task, acc=f"{record['avg_acc']:.3f}", cur=f"{acc[str(task)]:.3f}")
+        bar.update()
+    bar.close()
+    loop_s = time.perf_counter() - loop_started
+    summary = continual_summary(records, scenario.num_tasks, init_acc)
+    summary.update(
+        rounds=cfg.rounds,
+        loop_s=loop_s,
+        client_updates=updates,
+        client_updates_per_s=updates / loop_s if loop_s > 0 else 0.0,
+        init_acc=init_acc,
+    )
+    return RunResult(recorder.out_dir, summary, records, arrays)
+
+
+def _checkpoint(recorder: RunRecorder, server_round: int, arrays, strategy, grid: RayGrid) -> None:
+    """Global arrays, the strategy (if picklable) and every client's Context.state."""
+    client_states: dict[int, Any] = {}
+    for states in ray.get([actor.export_states.remote() for actor in grid.actors]):
+        client_states.update(states)
+    try:
+        strategy_state = pickle.dumps(strategy)
+    except Exception:  # strategies holding lambdas or handles cannot be pickled; arrays still are
+        strategy_state = None
+    recorder.write_checkpoint(
+        server_round,
+        {
+            "round": server_round,
+            "arrays": {name: arrays[name].numpy() for name in arrays.keys()},
+            "strategy": strategy_state,
+            "client_states": client_states,
+        },
+    )

@@ -1,0 +1,25 @@
+"""Resolve user-named objects (`module:attr` or dotted `module.attr`) with one-line errors."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedcl.errors import ConfigError
+
+
+def load_object(path: str, *, what: str) -> Any:
+    """Import and return the object at `path` ('pkg.mod:attr' or 'pkg.mod.attr')."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigError(f"{what} '{path}' is not an import path like 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what} '{path}': cannot import module '{module_name}' ({exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{what} '{path}': module '{module_name}' has no '{attr}'") from None
