@@ -36,8 +36,8 @@ from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
 from fedcl.metrics.recorder import RunRecorder
 from fedcl.models import build_model
-from fedcl.scenario.datasets import load_dataset
-from fedcl.scenario.scenario import build_scenario
+from fedcl.scenario.datasets import ArrayDataset, load_dataset
+from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_seed
 from fedcl.strategies import build_strategy
 
@@ -96,19 +96,8 @@ def run_simulation(
     recorder = RunRecorder(out_dir or default_out_dir(cfg), to_yaml(cfg))
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
-    data_refs = (ray.put(scenario), ray.put(dataset.x_train), ray.put(dataset.y_train))
-    actor_options = {
-        "num_cpus": cfg.engine.num_cpus_per_actor,
-        "num_gpus": cfg.engine.num_gpus_per_actor,
-    }
-    actors = [
-        RemoteClientActor.options(**actor_options).remote(
-            container, *data_refs, dataset.input_shape, dataset.num_classes, run_id
-        )
-        for _ in range(num_actors)
-    ]
+    actors = start_client_actors(container, dataset, scenario, run_id, num_actors)
     try:
-        ray.get([actor.ready.remote() for actor in actors])
         grid = RayGrid(actors, [node_id_of(c) for c in range(cfg.clients.num)], make_run(run_id))
         evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
         result = _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress)
@@ -125,6 +114,35 @@ def run_simulation(
         recorder.close()
         for actor in actors:
             ray.kill(actor)
+
+
+def start_client_actors(
+    config: dict[str, Any],
+    dataset: ArrayDataset,
+    scenario: Scenario,
+    run_id: int,
+    num_actors: int,
+) -> list[ray.actor.ActorHandle]:
+    """Start `num_actors` client actors sharing one object-store copy of the data; wait until ready.
+
+    `config` is the resolved config as plain containers (`fedcl.config.to_container`).
+    """
+    data_refs = (ray.put(scenario), ray.put(dataset.x_train), ray.put(dataset.y_train))
+    engine = config["engine"]
+    options = {"num_cpus": engine["num_cpus_per_actor"], "num_gpus": engine["num_gpus_per_actor"]}
+    actors = [
+        RemoteClientActor.options(**options).remote(
+            config, *data_refs, dataset.input_shape, dataset.num_classes, run_id
+        )
+        for _ in range(num_actors)
+    ]
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+    except ray.exceptions.RayError:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return actors
 
 
 def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:

@@ -14,8 +14,9 @@ import ray
 from fedcl.errors import ConfigError
 
 
-def init_ray(address: str | None, *, verbose: bool = False) -> None:
-    """Start a local Ray, or attach to `address`; reuse one already running in this process."""
+def init_ray(address: str | None, *, verbose: bool = False, num_cpus: int | None = None) -> None:
+    """Start a local Ray (with `num_cpus`, default all), or attach to `address`; reuse one already
+    running in this process."""
     if ray.is_initialized():
         return
     # Ray 2.60 warns about token auth on every local start; the warning is noise for a laptop run.
@@ -30,6 +31,8 @@ def init_ray(address: str | None, *, verbose: bool = False) -> None:
     }
     if address is not None:
         kwargs["address"] = address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ray.init(**kwargs)
