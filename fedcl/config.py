@@ -155,7 +155,9 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
         where = f"under '{parent}'" if parent else "at the top level"
-        return ConfigError(f"unknown config key '{key}'{hint}; valid keys {where}: {', '.join(valid)}")
+        return ConfigError(
+            f"unknown config key '{key}'{hint}; valid keys {where}: {', '.join(valid)}"
+        )
     return ConfigError(f"bad value for config key '{key}': {reason}")
 
 
@@ -201,10 +203,13 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the cross-key constraints the schema cannot express; raise `ConfigError` if one fails."""
+    """Check cross-key constraints the schema cannot express; raise `ConfigError` on failure."""
     _check(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
     _check(cfg.clients.num >= 1, f"clients.num must be >= 1, got {cfg.clients.num}")
-    _check(cfg.scenario.num_tasks >= 1, f"scenario.num_tasks must be >= 1, got {cfg.scenario.num_tasks}")
+    _check(
+        cfg.scenario.num_tasks >= 1,
+        f"scenario.num_tasks must be >= 1, got {cfg.scenario.num_tasks}",
+    )
     _check(
         cfg.scenario.num_tasks <= cfg.rounds,
         f"scenario.num_tasks ({cfg.scenario.num_tasks}) must not exceed rounds ({cfg.rounds})",
@@ -221,12 +226,15 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     _check(cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}")
     num_actors = cfg.engine.num_actors
-    _check(num_actors is None or num_actors >= 1, f"engine.num_actors must be >= 1, got {num_actors}")
+    _check(
+        num_actors is None or num_actors >= 1, f"engine.num_actors must be >= 1, got {num_actors}"
+    )
     _check(cfg.engine.num_cpus_per_actor >= 0, "engine.num_cpus_per_actor must be >= 0")
     _check(cfg.engine.num_gpus_per_actor >= 0, "engine.num_gpus_per_actor must be >= 0")
     _check(
         cfg.engine.num_cpus_per_actor > 0 or cfg.engine.num_gpus_per_actor > 0,
-        "an actor needs some resource: set engine.num_cpus_per_actor or engine.num_gpus_per_actor > 0",
+        "an actor needs some resource: set engine.num_cpus_per_actor or "
+        "engine.num_gpus_per_actor > 0",
     )
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _check(":" in cfg.client.app, f"client.app must be 'module:attribute', got '{cfg.client.app}'")

@@ -10,4 +10,4 @@ class ConfigError(FedclError):
 
 
 class DatasetError(FedclError):
-    """A dataset that is unknown, missing on disk, or malformed; the message names the path or name."""
+    """A dataset that is unknown, missing on disk, or malformed; the message names which."""

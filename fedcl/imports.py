@@ -18,7 +18,9 @@ def load_object(path: str, *, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{what} '{path}': cannot import module '{module_name}' ({exc})") from None
+        raise ConfigError(
+            f"{what} '{path}': cannot import module '{module_name}' ({exc})"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:

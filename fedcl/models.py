@@ -1,4 +1,4 @@
-"""Small models for CPU-scale continual learning: an MLP and a CNN that adapts to 1-D or 2-D input."""
+"""Small models for CPU-scale continual learning: an MLP and a CNN for 1-D or 2-D input."""
 
 from __future__ import annotations
 
@@ -36,17 +36,25 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Conv-ReLU-MaxPool blocks (1-D for (C, L) input, 2-D for (C, H, W)), then a linear head."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int]) -> None:
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int]
+    ) -> None:
         super().__init__()
         if len(input_shape) not in (2, 3):
             raise ConfigError(
                 f"model cnn needs (C, L) or (C, H, W) input, the dataset gives {tuple(input_shape)}"
             )
-        conv, pool = (nn.Conv1d, nn.MaxPool1d) if len(input_shape) == 2 else (nn.Conv2d, nn.MaxPool2d)
+        conv, pool = (
+            (nn.Conv1d, nn.MaxPool1d) if len(input_shape) == 2 else (nn.Conv2d, nn.MaxPool2d)
+        )
         layers: list[nn.Module] = []
         in_channels = input_shape[0]
         for out_channels in channels:
-            layers += [conv(in_channels, out_channels, 3, padding=1), nn.ReLU(), pool(2, ceil_mode=True)]
+            layers += [
+                conv(in_channels, out_channels, 3, padding=1),
+                nn.ReLU(),
+                pool(2, ceil_mode=True),
+            ]
             in_channels = out_channels
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
@@ -71,7 +79,7 @@ def build_model(
     channels: Sequence[int] = (16, 32),
     seed: int = 0,
 ) -> nn.Module:
-    """Build model `name` with parameters initialised from `seed` alone (global RNG left untouched)."""
+    """Build model `name`, initialised from `seed` alone (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "mlp":

@@ -1,4 +1,5 @@
-"""Seeds derived from (seed, purpose, client, round, task): never from global RNG state or scheduling order."""
+"""Seeds derived from (seed, purpose, client, round, task), never from global RNG state or
+scheduling order."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def _key_to_int(key: int | str) -> int:
 
 
 def derive_seed(seed: int, *keys: int | str) -> int:
-    """Return a 32-bit seed that depends only on `seed` and `keys` (e.g. "train", client, round, task)."""
+    """A 32-bit seed that depends only on `seed` and `keys` (e.g. "train", client, round, task)."""
     sequence = np.random.SeedSequence([int(seed), *(_key_to_int(k) for k in keys)])
     return int(sequence.generate_state(1)[0])
 

@@ -1,4 +1,4 @@
-"""fedcl's strategy registry: stock Flower Message-API strategies and fedcl's continual ones, by name.
+"""fedcl's strategy registry: stock Flower Message-API strategies and fedcl's own, by name.
 
 A strategy is any `flwr.serverapp.strategy.Strategy`. Name one in a config with `strategy.name`
 (a registered name) or `strategy.target` (an import path, which takes precedence); every other key
@@ -28,7 +28,7 @@ _REGISTRY: dict[str, str | type[Strategy]] = {
 
 
 def register_strategy(name: str, strategy: str | type[Strategy]) -> None:
-    """Make `strategy` (a Strategy class or its import path) selectable as `strategy.name=<name>`."""
+    """Make `strategy` (a Strategy class or import path) selectable as `strategy.name=<name>`."""
     _REGISTRY[name] = strategy
 
 
@@ -57,8 +57,8 @@ def strategy_class(name: str | None, target: str | None) -> type[Strategy]:
 def build_strategy(spec: dict[str, Any], num_clients: int) -> Strategy:
     """Instantiate the strategy `spec` names with the rest of `spec` as keyword arguments.
 
-    Refuses, with a one-line `ConfigError`, an unknown strategy, an argument its constructor does not
-    take, or `min_*_nodes` settings that could never be met by `num_clients` clients.
+    Refuses, with a one-line `ConfigError`, an unknown strategy, an argument its constructor
+    does not take, or `min_*_nodes` settings that could never be met by `num_clients` clients.
     """
     kwargs = {k: v for k, v in spec.items() if k not in ("name", "target")}
     cls = strategy_class(spec.get("name"), spec.get("target"))

@@ -1,7 +1,8 @@
 """fedcl's default Flower ClientApp: continual local training on the client's current task.
 
 `train` trains the received global model on this client's data for its task of the round and replies
-with the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's `proximal-mu` is
+with the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's
+`proximal-mu` is
 honoured). The node's `Context.state` keeps a per-client record across rounds; it lives on the actor
 the node is pinned to and never crosses the wire.
 """
@@ -38,7 +39,7 @@ def bump_train_count(context: Context) -> int:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model locally on this client's current task and reply with the new weights."""
+    """Train the global model on this client's current task; reply with the new weights."""
     runtime = current_runtime()
     arrays = single_record(msg.content.array_records, "ArrayRecord")
     config = single_record(msg.content.config_records, "ConfigRecord")

@@ -1,8 +1,9 @@
-"""The per-actor runtime the ClientApp handlers share: data views, the scenario and the model recipe.
+"""The per-actor runtime the ClientApp handlers share: data views, scenario, model recipe.
 
 Each actor process holds one runtime, installed when the actor starts. Flower handlers only receive
 `(Message, Context)`, so they reach the shared, read-only parts of the simulation through
-`current_runtime()`; per-client state stays in each node's `Context.state`, which never leaves the actor.
+`current_runtime()`; per-client state stays in each node's `Context.state`, which never leaves
+the actor.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ClientRuntime:
         return int(self.config["seed"])
 
     def new_model(self) -> nn.Module:
-        """A fresh model of the run's architecture (weights to be loaded from the server's arrays)."""
+        """A fresh model of the run's architecture (load the server's arrays into it)."""
         model_cfg = self.config["model"]
         return build_model(
             model_cfg["name"],
@@ -47,9 +48,9 @@ class ClientRuntime:
         )
 
     def train_data(self, client: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of client `client`'s training inputs and labels for task `task`."""
+        """Copies of client `client`'s training inputs (as task `task` presents them) and labels."""
         positions = self.scenario.train_indices(client, task)
-        return self.x_train[positions], self.y_train[positions]
+        return self.scenario.task_inputs(self.x_train[positions], task), self.y_train[positions]
 
 
 _current: ClientRuntime | None = None
@@ -64,5 +65,7 @@ def set_runtime(runtime: ClientRuntime | None) -> None:
 def current_runtime() -> ClientRuntime:
     """The runtime of this actor process; raises if called outside a fedcl actor."""
     if _current is None:
-        raise RuntimeError("no fedcl client runtime in this process: handlers run inside fedcl actors")
+        raise RuntimeError(
+            "no fedcl client runtime in this process: handlers run inside fedcl actors"
+        )
     return _current

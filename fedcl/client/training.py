@@ -1,4 +1,4 @@
-"""Local training and evaluation with plain torch: seeded, single-threaded, no framework in between."""
+"""Local training and evaluation with plain torch: seeded, no framework in between."""
 
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ def train_local(
             for batch in order.split(batch_size):
                 loss = F.cross_entropy(model(inputs[batch]), targets[batch])
                 if anchor:
-                    drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+                    drift = sum(
+                        (p - a).pow(2).sum()
+                        for p, a in zip(model.parameters(), anchor, strict=True)
+                    )
                     loss = loss + 0.5 * proximal_mu * drift
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

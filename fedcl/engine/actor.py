@@ -39,7 +39,9 @@ class ClientActor:
         torch.set_num_threads(config["engine"]["torch_threads"])
         if not config["log"]["verbose"]:
             logging.getLogger("flwr").setLevel(logging.WARNING)
-        set_runtime(ClientRuntime(config, scenario, x_train, y_train, tuple(input_shape), num_classes))
+        set_runtime(
+            ClientRuntime(config, scenario, x_train, y_train, tuple(input_shape), num_classes)
+        )
         self.app = load_object(config["client"]["app"], what="client.app")
         self.run_id = run_id
         self.num_partitions = scenario.num_clients
@@ -56,17 +58,22 @@ class ClientActor:
             self.contexts[node_id] = Context(
                 run_id=self.run_id,
                 node_id=node_id,
-                node_config={"partition-id": partition_of(node_id), "num-partitions": self.num_partitions},
+                node_config={
+                    "partition-id": partition_of(node_id),
+                    "num-partitions": self.num_partitions,
+                },
                 state=RecordDict(),
                 run_config=self.run_config,
             )
         return self.contexts[node_id]
 
-    def handle(self, batch: list[tuple[Any, int]], contents: dict[int, ray.ObjectRef]) -> list[Message]:
+    def handle(
+        self, batch: list[tuple[Any, int]], contents: dict[int, ray.ObjectRef]
+    ) -> list[Message]:
         """Run the ClientApp on each (metadata, content key) in order; return one reply per message.
 
-        `contents` holds each distinct message content once (strategies send one shared RecordDict to
-        all sampled nodes); each message gets its own copy so a handler cannot leak into the next.
+        `contents` holds each distinct message content once (strategies send one shared RecordDict
+        to all sampled nodes); each message gets its own copy, so no handler leaks into the next.
         """
         keys = list(contents)
         shared = dict(zip(keys, ray.get([contents[k] for k in keys]), strict=True))

@@ -14,7 +14,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-# Node ids 0 and SUPERLINK_NODE_ID (1) are reserved by Flower; ours are FIRST_NODE_ID + partition id.
+# Node ids 0 and SUPERLINK_NODE_ID (1) are reserved by Flower; ours are FIRST_NODE_ID + partition.
 FIRST_NODE_ID = 1000
 
 

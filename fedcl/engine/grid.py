@@ -97,7 +97,7 @@ class RayGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        """Push `messages`, wait up to `timeout` s; return the replies, in the order of `messages`."""
+        """Push `messages`, wait up to `timeout` s; return replies in the order of `messages`."""
         message_ids = self.push_messages(messages)
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(m not in self._replies for m in message_ids) and self._in_flight:
@@ -109,7 +109,7 @@ class RayGrid(Grid):
 
     # --- internals ---------------------------------------------------------------------------
     def _collect(self, timeout: float | None, wait_for_one: bool = False) -> None:
-        """Move finished actor calls' replies into `_replies`; an actor crash yields Error replies."""
+        """Move finished calls' replies into `_replies`; an actor crash yields Error replies."""
         if not self._in_flight:
             return
         refs = list(self._in_flight)
@@ -120,6 +120,8 @@ class RayGrid(Grid):
                 replies = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 reason = f"actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                replies = [error_reply(self._requests[m], reason, crashed=True) for m in message_ids]
+                replies = [
+                    error_reply(self._requests[m], reason, crashed=True) for m in message_ids
+                ]
             for message_id, reply in zip(message_ids, replies, strict=True):
                 self._replies[message_id] = reply

@@ -1,11 +1,11 @@
 """The round loop: Flower strategy on a RayGrid, continual evaluation, recording, checkpoints.
 
-    for each round r:
-        strategy.configure_train(r, arrays, config, grid) -> messages
-        grid.send_and_receive(messages)                   -> replies (screened: NaN, shapes)
-        strategy.aggregate_train(r, replies)              -> new global arrays
-        evaluate on every task seen so far (+ the next)   -> metrics.jsonl
-        checkpoint every k rounds
+for each round r:
+    strategy.configure_train(r, arrays, config, grid) -> messages
+    grid.send_and_receive(messages)                   -> replies (screened: NaN, shapes)
+    strategy.aggregate_train(r, replies)              -> new global arrays
+    evaluate on every task seen so far (+ the next)   -> metrics.jsonl
+    checkpoint every k rounds
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ from fedcl.scenario.datasets import ArrayDataset, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_seed
 from fedcl.strategies import build_strategy
+from fedcl.strategies.base import ContinualStrategy
 
 
 @dataclass
 class RunResult:
-    """What a finished run leaves: its folder, summary, per-round records and final global arrays."""
+    """What a finished run leaves: folder, summary, per-round records, final global arrays."""
 
     out_dir: Path
     summary: dict[str, Any]
@@ -147,6 +148,9 @@ def start_client_actors(
 
 def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
+    continual = isinstance(strategy, ContinualStrategy)
+    task_starts = {int(start): task for task, start in enumerate(scenario.task_starts)}
+    task_ends = {end: task for task, end in enumerate(scenario.task_end_rounds())}
     init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
     records: list[dict[str, Any]] = []
     updates = 0
@@ -158,6 +162,8 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
         task = scenario.global_task(server_round)
         # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
         # (seed, round) makes their sampling reproducible and independent of earlier rounds.
+        if continual and server_round in task_starts:
+            arrays = strategy.on_task_start(server_round, task, arrays, grid) or arrays
         random.seed(derive_seed(cfg.seed, "sample", server_round))
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         replies = grid.send_and_receive(messages, timeout=cfg.engine.timeout_s)
@@ -169,6 +175,8 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
             arrays = new_arrays
         succeeded = sum(not reply.has_error() for reply in replies)
         updates += succeeded
+        if continual and server_round in task_ends:
+            arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
 
         acc = evaluator.evaluate(arrays, range(task + 1))
         has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
@@ -217,7 +225,7 @@ def _checkpoint(recorder: RunRecorder, server_round: int, arrays, strategy, grid
         server_round,
         {
             "round": server_round,
-            "arrays": {name: arrays[name].numpy() for name in arrays.keys()},
+            "arrays": {name: arrays[name].numpy() for name in arrays},
             "strategy": strategy_state,
             "client_states": client_states,
         },

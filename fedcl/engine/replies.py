@@ -1,4 +1,4 @@
-"""Screening client replies before a strategy sees them: NaN, infinities and wrong shapes are dropped."""
+"""Screening client replies before a strategy sees them: NaN, infinities, wrong shapes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def reply_problem(reply: Message, reference: ArrayRecord, model_key: str) -> str
         if list(record.keys()) != list(reference.keys()):
             missing = sorted(set(reference.keys()) ^ set(record.keys()))
             return f"arrays '{model_key}' have other names than the global model ({missing[:3]})"
-        for name in reference.keys():
+        for name in reference:
             got, want = tuple(record[name].shape), tuple(reference[name].shape)
             if got != want:
                 return f"array '{name}' has shape {got}, the global model has {want}"
@@ -51,7 +51,9 @@ def screen_replies(
                 reason = (reply.error.reason or "").strip().splitlines()
                 problems.append((reply.metadata.src_node_id, reason[0] if reason else "error"))
             continue
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"invalid reply: {problem}")
+        error = Error(
+            code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"invalid reply: {problem}"
+        )
         screened.append(make_message(reply.metadata, error=error))
         problems.append((reply.metadata.src_node_id, f"invalid reply: {problem}"))
     return screened, problems

@@ -35,9 +35,8 @@ class TaskEvaluator:
         scores = {}
         for task in tasks:
             positions = self.scenario.test_indices[task]
-            scores[str(task)] = accuracy(
-                self.model, self.x_test[positions], self.y_test[positions], self.batch_size
-            )
+            x = self.scenario.task_inputs(self.x_test[positions], task)
+            scores[str(task)] = accuracy(self.model, x, self.y_test[positions], self.batch_size)
         return scores
 
 

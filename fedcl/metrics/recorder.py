@@ -1,4 +1,4 @@
-"""The run folder: config.yaml, metrics.jsonl (a line per round), summary.json, plots, checkpoints."""
+"""The run folder: config.yaml, metrics.jsonl (a line per round), summary.json, plots."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class RunRecorder:
         return path
 
     def write_checkpoint(self, server_round: int, state: dict[str, Any]) -> Path:
-        """Write `checkpoints/round_XXXXX.pkl` atomically (a crash mid-write leaves no half file)."""
+        """Write `checkpoints/round_XXXXX.pkl` atomically (a crash leaves no half file)."""
         path = self.out_dir / "checkpoints" / f"round_{server_round:05d}.pkl"
         path.parent.mkdir(exist_ok=True)
         _atomic_write(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))

@@ -1,8 +1,8 @@
-"""A scenario: the dataset cut into tasks, each task's data spread over clients, tasks placed on rounds.
+"""A scenario: the dataset cut into tasks, each task spread over clients, tasks placed on rounds.
 
-The scenario holds index arrays only, never copies of the data: a client's training data for a task is
-`x_train[scenario.train_indices(client, task)]`. It is built on the driver, from the config and seed
-alone, and shipped once to every actor through the Ray object store.
+The scenario holds index arrays only, never copies of the data: a client's training data for a
+task is `x_train[scenario.train_indices(client, task)]`. It is built on the driver, from the
+config and seed alone, and shipped once to every actor through the Ray object store.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from fedcl.scenario.partition import partition_indices
 from fedcl.scenario.tasks import class_incremental_split, task_sample_mask
 from fedcl.seeding import derive_rng
 
-SCENARIOS = ("class_incremental",)
+SCENARIOS = ("class_incremental", "permuted")
 
 
 @dataclass(frozen=True)
 class ClientTaskIndex:
-    """For each task, every client's training sample positions, packed CSR-style (bytes per client)."""
+    """Per task, every client's training sample positions, packed CSR-style (bytes per client)."""
 
     indices: tuple[np.ndarray, ...]  # per task: all clients' positions, client after client
     offsets: tuple[np.ndarray, ...]  # per task: (num_clients + 1,) boundaries into `indices`
@@ -54,6 +54,8 @@ class Scenario:
     test_indices: tuple[np.ndarray, ...]  # per task: positions into the test arrays
     train: ClientTaskIndex
     task_starts: np.ndarray  # (num_tasks,) first round of each task (global boundaries)
+    # per task: a permutation of the flattened input features, or None (domain-incremental tasks)
+    input_permutations: tuple[np.ndarray | None, ...] = ()
 
     @property
     def num_tasks(self) -> int:
@@ -73,6 +75,13 @@ class Scenario:
         """Positions into the training arrays of client `client`'s data for task `task`."""
         return self.train.get(client, task)
 
+    def task_inputs(self, x: np.ndarray, task: int) -> np.ndarray:
+        """`x` as task `task` presents it (its input permutation applied, if it has one)."""
+        perm = self.input_permutations[task] if self.input_permutations else None
+        if perm is None:
+            return x
+        return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
+
     def task_end_rounds(self) -> list[int]:
         """The last round of each task."""
         return [int(start) - 1 for start in self.task_starts[1:]] + [self.rounds]
@@ -89,13 +98,23 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
     sc = cfg.scenario
     if sc.kind not in SCENARIOS:
         raise ConfigError(f"unknown scenario.kind '{sc.kind}'; valid: {', '.join(SCENARIOS)}")
-    order_rng = derive_rng(cfg.seed, "class-order") if sc.shuffle_classes else None
-    task_classes = class_incremental_split(
-        dataset.num_classes,
-        sc.num_tasks,
-        class_order=list(sc.class_order) if sc.class_order is not None else None,
-        rng=order_rng,
-    )
+    permutations: list[np.ndarray | None] = []
+    if sc.kind == "permuted":
+        # As FOT's PMNIST: every task holds all classes; task 0 is the unpermuted input.
+        task_classes = [np.arange(dataset.num_classes)] * sc.num_tasks
+        width = int(np.prod(dataset.input_shape))
+        permutations = [None] + [
+            derive_rng(cfg.seed, "permutation", t).permutation(width)
+            for t in range(1, sc.num_tasks)
+        ]
+    else:
+        order_rng = derive_rng(cfg.seed, "class-order") if sc.shuffle_classes else None
+        task_classes = class_incremental_split(
+            dataset.num_classes,
+            sc.num_tasks,
+            class_order=list(sc.class_order) if sc.class_order is not None else None,
+            rng=order_rng,
+        )
     per_task: list[list[np.ndarray]] = []
     test_indices = []
     for task, classes in enumerate(task_classes):
@@ -117,4 +136,5 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
         test_indices=tuple(test_indices),
         train=ClientTaskIndex.pack(per_task),
         task_starts=task_starts(cfg.rounds, sc.num_tasks, sc.rounds_per_task),
+        input_permutations=tuple(permutations),
     )

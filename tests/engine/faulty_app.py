@@ -24,7 +24,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = default.train(msg, context)
     if partition in (NAN, MISSHAPEN):
         arrays = reply.content["arrays"]
-        values = {name: arrays[name].numpy() for name in arrays.keys()}
+        values = {name: arrays[name].numpy() for name in arrays}
         if partition == NAN:
             values["head.weight"] = np.full_like(values["head.weight"], np.nan)
         else:

@@ -1,4 +1,4 @@
-"""The RayGrid on its own: sticky placement keeps client state, the Flower Message contract holds."""
+"""The RayGrid on its own: sticky placement keeps client state; Flower's message contract holds."""
 
 from __future__ import annotations
 

@@ -114,7 +114,10 @@ def test_summary_agrees_with_metrics_jsonl(tmp_path):
     acc = np.mean([final[str(j)] for j in range(num_tasks)])
     bwt = np.mean([final[str(j)] - R[j, j] for j in range(num_tasks - 1)])
     forgetting = np.mean(
-        [max(R[i, j] for i in range(j, num_tasks - 1)) - final[str(j)] for j in range(num_tasks - 1)]
+        [
+            max(R[i, j] for i in range(j, num_tasks - 1)) - final[str(j)]
+            for j in range(num_tasks - 1)
+        ]
     )
     fwt = np.mean(
         [ends[j - 1]["acc_next"][str(j)] - summary["init_acc"][str(j)] for j in range(1, num_tasks)]
