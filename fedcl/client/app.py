@@ -9,8 +9,12 @@ the node is pinned to and never crosses the wire.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fedcl.client.runtime import current_runtime
 from fedcl.client.training import accuracy, train_local
@@ -19,6 +23,20 @@ from fedcl.seeding import derive_seed
 app = ClientApp()
 
 STATE_KEY = "fedcl"  # the ConfigRecord in Context.state that holds fedcl's per-client bookkeeping
+
+# A train extra adds records to the train reply when the strategy's config carries its key, e.g. a
+# Fisher-merging strategy sends "fisher-mode" and gets a "fisher" ArrayRecord back. It is called
+# with the locally trained model, the client's training data of the round, the config and context.
+TrainExtra = Callable[
+    [nn.Module, np.ndarray, np.ndarray, ConfigRecord, Context],
+    dict[str, ArrayRecord | MetricRecord | ConfigRecord],
+]
+_train_extras: dict[str, TrainExtra] = {}
+
+
+def register_train_extra(config_key: str, extra: TrainExtra) -> None:
+    """Have `train` call `extra` whenever a train message's config holds `config_key`."""
+    _train_extras[config_key] = extra
 
 
 def single_record(records: dict, kind: str) -> object:
@@ -74,6 +92,10 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    for key, extra in _train_extras.items():
+        if key in config:
+            for name, record in extra(model, x, y, config, context).items():
+                content[name] = record
     return Message(content, reply_to=msg)
 
 
@@ -90,3 +112,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = runtime.train_data(client, task)
     metrics = MetricRecord({"num-examples": len(y), "accuracy": accuracy(model, x, y)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+# Registers the continual-learning handlers (queries, train extras) on `app`; imported last because
+# that module builds on the names defined above.
+import fedcl.client.continual  # noqa: E402, F401
