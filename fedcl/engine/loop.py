@@ -34,7 +34,7 @@ from fedcl.imports import load_object
 from fedcl.metrics.continual import continual_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
-from fedcl.metrics.recorder import RunRecorder
+from fedcl.metrics.recorder import RunRecorder, ensure_no_run_in
 from fedcl.models import build_model
 from fedcl.scenario.datasets import ArrayDataset, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
@@ -89,12 +89,14 @@ def run_simulation(
     arrays = ArrayRecord(new_model().state_dict())
     strategy = build_strategy(container["strategy"], cfg.clients.num)
     load_object(cfg.client.app, what="client.app")
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    ensure_no_run_in(out_dir)
     init_ray(cfg.engine.ray_address, verbose=cfg.log.verbose)
     num_actors = pool_size(
         cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
     )
 
-    recorder = RunRecorder(out_dir or default_out_dir(cfg), to_yaml(cfg))
+    recorder = RunRecorder(out_dir, to_yaml(cfg))
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
     actors = start_client_actors(container, dataset, scenario, run_id, num_actors)

@@ -27,16 +27,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def ensure_no_run_in(out_dir: str | Path) -> None:
+    """Raise `FedclError` if `out_dir` already holds a run (so no run is ever overwritten)."""
+    existing = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+    if existing:
+        raise FedclError(f"{out_dir} already holds a run ({existing[0]}); choose another --out folder")
+
+
 class RunRecorder:
     """Writes one run's files; refuses a folder that already holds a run, so none is overwritten."""
 
     def __init__(self, out_dir: str | Path, config_yaml: str) -> None:
         self.out_dir = Path(out_dir)
-        existing = [name for name in RUN_FILES if (self.out_dir / name).exists()]
-        if existing:
-            raise FedclError(
-                f"{self.out_dir} already holds a run ({existing[0]}); choose another --out folder"
-            )
+        ensure_no_run_in(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(config_yaml)
         self._metrics = (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from fedcl.errors import ConfigError
 from fedcl.scenario.datasets import ArrayDataset
-from fedcl.scenario.partition import partition_indices
+from fedcl.scenario.partition import PARTITIONS, partition_indices
 from fedcl.scenario.tasks import class_incremental_split, task_sample_mask
 from fedcl.seeding import derive_rng
 
@@ -98,6 +98,10 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
     sc = cfg.scenario
     if sc.kind not in SCENARIOS:
         raise ConfigError(f"unknown scenario.kind '{sc.kind}'; valid: {', '.join(SCENARIOS)}")
+    if cfg.clients.partition not in PARTITIONS:
+        raise ConfigError(
+            f"unknown clients.partition '{cfg.clients.partition}'; valid: {', '.join(PARTITIONS)}"
+        )
     permutations: list[np.ndarray | None] = []
     if sc.kind == "permuted":
         # As FOT's PMNIST: every task holds all classes; task 0 is the unpermuted input.
