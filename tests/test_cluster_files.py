@@ -1,4 +1,4 @@
-"""The cluster launcher files are valid for the installed Ray, and submit.py attaches to a cluster."""
+"""Cluster launcher files pass the installed Ray's schema; submit.py attaches to a cluster."""
 
 from __future__ import annotations
 

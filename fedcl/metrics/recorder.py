@@ -31,7 +31,9 @@ def ensure_no_run_in(out_dir: str | Path) -> None:
     """Raise `FedclError` if `out_dir` already holds a run (so no run is ever overwritten)."""
     existing = [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
     if existing:
-        raise FedclError(f"{out_dir} already holds a run ({existing[0]}); choose another --out folder")
+        raise FedclError(
+            f"{out_dir} already holds a run ({existing[0]}); choose another --out folder"
+        )
 
 
 class RunRecorder:
