@@ -30,14 +30,24 @@ class DatasetConfig:
 
 @dataclass
 class ScenarioConfig:
-    """How the dataset becomes a stream of tasks and how tasks are spread over rounds."""
+    """How the dataset becomes tasks, and how each client's stream of tasks runs over rounds."""
 
+    # class_incremental | task_incremental (a head per task) | domain_incremental | permuted
     kind: str = "class_incremental"
     num_tasks: int = 5
     class_order: list[int] | None = None
     shuffle_classes: bool = False
-    # None: rounds // num_tasks, the last task taking any remainder.
+    domain_transform: str = "permutation"  # domain_incremental: permutation | rotation
+    # The order tasks come in; tasks may recur (e.g. [0, 1, 2, 0, 1, 2]). None: 0..num_tasks-1.
+    stream: list[int] | None = None
+    # None: rounds // len(stream), the last entry taking any remainder.
     rounds_per_task: int | None = None
+    boundaries: str = "global"  # global: all clients switch together | async: per client
+    async_start: int = 0  # async: each client starts at round 1 + U{0..async_start}
+    async_rounds_per_task: list[int] | None = None  # async: [low, high] rounds per task
+    async_shuffle: bool = False  # async: each client sees the stream in its own order
+    blurry: float = 0.0  # share of the previous task's data mixed in after a switch
+    blurry_rounds: int = 1  # ... for this many rounds after the switch
 
 
 @dataclass
@@ -45,6 +55,7 @@ class ClientsConfig:
     """How many virtual clients there are and how each task's data is split among them."""
 
     num: int = 10
+    participation: float = 1.0  # share of the available clients online in a round
     partition: str = "iid"
     alpha: float = 0.5
     shards_per_client: int = 2
@@ -69,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None
+    replay_size: int = 0  # per-client experience-replay buffer (reservoir sampling); 0: off
 
 
 @dataclass
@@ -113,6 +125,8 @@ class LogConfig:
 
     progress: bool = True
     verbose: bool = False
+    # Record the sample ids each client trained on per round (trained_samples/, compressed).
+    trained_samples: bool = True
 
 
 @dataclass
@@ -128,6 +142,10 @@ class FedclConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    # The event timeline (see fedcl/scenario/events.py): explicit events, and generators of
+    # events from rates ({kind, rate, clients_per_event, ...}).
+    events: list[dict[str, Any]] = field(default_factory=list)
+    generate: list[dict[str, Any]] = field(default_factory=list)
     client: ClientConfig = field(default_factory=ClientConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -215,13 +233,18 @@ def validate(cfg: DictConfig) -> None:
         f"scenario.num_tasks ({cfg.scenario.num_tasks}) must not exceed rounds ({cfg.rounds})",
     )
     rpt = cfg.scenario.rounds_per_task
-    if rpt is not None:
-        _check(rpt >= 1, f"scenario.rounds_per_task must be >= 1, got {rpt}")
-        _check(
-            rpt * (cfg.scenario.num_tasks - 1) < cfg.rounds,
-            f"scenario.rounds_per_task={rpt} leaves no round for the last of "
-            f"{cfg.scenario.num_tasks} tasks within rounds={cfg.rounds}",
-        )
+    _check(rpt is None or rpt >= 1, f"scenario.rounds_per_task must be >= 1, got {rpt}")
+    _check(cfg.scenario.async_start >= 0, "scenario.async_start must be >= 0")
+    _check(
+        0 <= cfg.scenario.blurry <= 1,
+        f"scenario.blurry must be in [0, 1], got {cfg.scenario.blurry}",
+    )
+    _check(cfg.scenario.blurry_rounds >= 1, "scenario.blurry_rounds must be >= 1")
+    participation = cfg.clients.participation
+    _check(0 < participation <= 1, f"clients.participation must be in (0, 1], got {participation}")
+    _check(
+        cfg.train.replay_size >= 0, f"train.replay_size must be >= 0, got {cfg.train.replay_size}"
+    )
     _check(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
     _check(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     _check(cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}")

@@ -1,10 +1,11 @@
 """fedcl's default Flower ClientApp: continual local training on the client's current task.
 
-`train` trains the received global model on this client's data for its task of the round and replies
-with the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's
-`proximal-mu` is
-honoured). The node's `Context.state` keeps a per-client record across rounds; it lives on the actor
-the node is pinned to and never crosses the wire.
+`train` trains the received global model on what this client holds in the round (its current task,
+deletions removed, under its current concept, plus its replay buffer if enabled) and replies with
+the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's `proximal-mu` is
+honoured). It also replies with the ids of the samples it trained on (`AUDIT_KEY`), which the
+engine records and strips before the strategy sees the reply. The node's `Context.state` keeps
+per-client state across rounds; it lives on the actor the node is pinned to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedcl.client import replay
 from fedcl.client.runtime import current_runtime
 from fedcl.client.training import accuracy, train_local
 from fedcl.seeding import derive_seed
@@ -23,6 +25,7 @@ from fedcl.seeding import derive_seed
 app = ClientApp()
 
 STATE_KEY = "fedcl"  # the ConfigRecord in Context.state that holds fedcl's per-client bookkeeping
+AUDIT_KEY = "fedcl.audit"  # ConfigRecord in train replies: "sample-ids", int64 bytes
 
 # A train extra adds records to the train reply when the strategy's config carries its key, e.g. a
 # Fisher-merging strategy sends "fisher-mode" and gets a "fisher" ArrayRecord back. It is called
@@ -63,12 +66,20 @@ def train(msg: Message, context: Context) -> Message:
     config = single_record(msg.content.config_records, "ConfigRecord")
     client = int(context.node_config["partition-id"])
     server_round = int(config["server-round"])
-    task = runtime.scenario.task_of(client, server_round)
+    scenario = runtime.scenario
+    task = scenario.task_of(client, server_round)
+    train_cfg = runtime.config["train"]
+    extra_ids, extra_tasks = None, None
+    if train_cfg["replay_size"] > 0:
+        extra_ids, extra_tasks = replay.replay_samples(context)
+        purged = replay.purge(context, scenario.deleted(extra_ids, server_round))
+        if purged:
+            extra_ids, extra_tasks = replay.replay_samples(context)
+    view = runtime.client_view(client, server_round, extra_ids, extra_tasks)
+    x, y = view.x, view.y
 
     model = runtime.new_model()
     model.load_state_dict(arrays.to_torch_state_dict())
-    x, y = runtime.train_data(client, task)
-    train_cfg = runtime.config["train"]
     stats = train_local(
         model,
         x,
@@ -80,8 +91,13 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=train_cfg["weight_decay"],
         max_steps=train_cfg["max_steps"],
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        class_mask=scenario.class_mask(view.tasks, runtime.num_classes),
         seed=derive_seed(runtime.seed, "train", client, server_round, task),
     )
+    if train_cfg["replay_size"] > 0:
+        current = view.ids[view.tasks == task]
+        rng = np.random.default_rng(derive_seed(runtime.seed, "replay", client, task))
+        replay.offer(context, current, task, train_cfg["replay_size"], rng)
     metrics = MetricRecord(
         {
             "num-examples": len(y),
@@ -91,7 +107,14 @@ def train(msg: Message, context: Context) -> Message:
             "task": task,
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    used = view.ids[stats.rows_used].astype("<i8")
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": metrics,
+            AUDIT_KEY: ConfigRecord({"sample-ids": used.tobytes()}),
+        }
+    )
     for key, extra in _train_extras.items():
         if key in config:
             for name, record in extra(model, x, y, config, context).items():
@@ -106,11 +129,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays = single_record(msg.content.array_records, "ArrayRecord")
     config = single_record(msg.content.config_records, "ConfigRecord")
     client = int(context.node_config["partition-id"])
-    task = runtime.scenario.task_of(client, int(config["server-round"]))
+    view = runtime.client_view(client, int(config["server-round"]))
     model = runtime.new_model()
     model.load_state_dict(arrays.to_torch_state_dict())
-    x, y = runtime.train_data(client, task)
-    metrics = MetricRecord({"num-examples": len(y), "accuracy": accuracy(model, x, y)})
+    mask = runtime.scenario.class_mask(view.tasks, runtime.num_classes)
+    score = accuracy(model, view.x, view.y, class_mask=mask)
+    metrics = MetricRecord({"num-examples": len(view.y), "accuracy": score})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

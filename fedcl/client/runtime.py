@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from fedcl.models import build_model
-from fedcl.scenario.scenario import Scenario
+from fedcl.scenario.scenario import ClientView, Scenario
 from fedcl.seeding import derive_seed
 
 
@@ -48,9 +48,25 @@ class ClientRuntime:
         )
 
     def train_data(self, client: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of client `client`'s training inputs (as task `task` presents them) and labels."""
+        """Copies of client `client`'s training inputs (as task `task` presents them) and labels,
+        ignoring the timeline (no deletions, no drift): prefer `client_view`."""
         positions = self.scenario.train_indices(client, task)
         return self.scenario.task_inputs(self.x_train[positions], task), self.y_train[positions]
+
+    def client_view(
+        self,
+        client: int,
+        server_round: int,
+        extra_ids: np.ndarray | None = None,
+        extra_tasks: np.ndarray | None = None,
+    ) -> ClientView:
+        """What client `client` may train on in `server_round` (its current task, deletions
+        removed, under its current concept), plus `extra_ids` of `extra_tasks` (e.g. replay)."""
+        ids, tasks = self.scenario.client_ids(client, server_round)
+        if extra_ids is not None and len(extra_ids):
+            ids, tasks = np.concatenate([ids, extra_ids]), np.concatenate([tasks, extra_tasks])
+        concept = self.scenario.concept(client, server_round)
+        return self.scenario.view(self.x_train, self.y_train, ids, tasks, concept)
 
 
 _current: ClientRuntime | None = None

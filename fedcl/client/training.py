@@ -17,6 +17,7 @@ class TrainStats:
     loss: float  # mean cross-entropy over the steps taken
     steps: int
     examples: int  # samples seen, counting repeats across epochs
+    rows_used: np.ndarray  # sorted rows of the training set that were in some batch
 
 
 def train_local(
@@ -32,15 +33,19 @@ def train_local(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     max_steps: int | None = None,
+    class_mask: np.ndarray | None = None,
 ) -> TrainStats:
     """Train `model` in place with SGD on (x, y); batches and dropout draw only from `seed`.
 
     With `proximal_mu > 0` the FedProx term (mu/2)·||w − w_start||² is added to the loss, w_start
-    being the weights the model had on entry (the global model).
+    being the weights the model had on entry (the global model). `class_mask` (n, classes) limits
+    each sample's softmax to its task's classes (task-incremental learning).
     """
     if len(x) == 0:
-        return TrainStats(loss=0.0, steps=0, examples=0)
+        return TrainStats(loss=0.0, steps=0, examples=0, rows_used=np.zeros(0, dtype=np.int64))
     inputs, targets = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    masks = torch.from_numpy(class_mask) if class_mask is not None else None
+    used = torch.zeros(len(inputs), dtype=torch.bool)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -53,7 +58,11 @@ def train_local(
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
             for batch in order.split(batch_size):
-                loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+                logits = model(inputs[batch])
+                if masks is not None:
+                    logits = logits.masked_fill(~masks[batch], float("-inf"))
+                loss = F.cross_entropy(logits, targets[batch])
+                used[batch] = True
                 if anchor:
                     drift = sum(
                         (p - a).pow(2).sum()
@@ -67,22 +76,40 @@ def train_local(
                 steps += 1
                 examples += len(batch)
                 if max_steps is not None and steps >= max_steps:
-                    return TrainStats(total_loss / steps, steps, examples)
-    return TrainStats(total_loss / steps, steps, examples)
+                    break
+            if max_steps is not None and steps >= max_steps:
+                break
+    rows = torch.nonzero(used).flatten().numpy()
+    return TrainStats(total_loss / steps, steps, examples, rows)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class predictions (argmax of the logits) of `model` on `x`."""
+def predict(
+    model: nn.Module, x: np.ndarray, batch_size: int = 1024, class_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Class predictions (argmax of the logits, over the allowed classes if masked) on `x`."""
     model.eval()
     inputs = torch.from_numpy(np.ascontiguousarray(x))
     if len(inputs) == 0:
         return np.zeros(0, dtype=np.int64)
-    return torch.cat([model(chunk).argmax(1) for chunk in inputs.split(batch_size)]).numpy()
+    predictions = []
+    for start in range(0, len(inputs), batch_size):
+        logits = model(inputs[start : start + batch_size])
+        if class_mask is not None:
+            allowed = torch.from_numpy(class_mask[start : start + batch_size])
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        predictions.append(logits.argmax(1))
+    return torch.cat(predictions).numpy()
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+def accuracy(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 1024,
+    class_mask: np.ndarray | None = None,
+) -> float:
     """Fraction of `x` that `model` classifies as `y` (NaN for an empty set)."""
     if len(y) == 0:
         return float("nan")
-    return float((predict(model, x, batch_size) == y).mean())
+    return float((predict(model, x, batch_size, class_mask) == y).mean())

@@ -32,6 +32,7 @@ class RayGrid(Grid):
         self._in_flight: dict[ray.ObjectRef, list[str]] = {}  # actor call -> message ids it carries
         self._replies: dict[str, Message] = {}  # request message id -> reply
         self._known = set(self.node_ids)
+        self._available = list(self.node_ids)
 
     # --- Flower's Grid interface -------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -52,7 +53,15 @@ class RayGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
+        """The nodes online now (all registered nodes unless `set_available` narrowed them)."""
+        return list(self._available)
+
+    def set_available(self, node_ids: Sequence[int]) -> None:
+        """Let only `node_ids` be online (sampled by strategies) until the next call."""
+        unknown = set(node_ids) - self._known
+        if unknown:
+            raise ValueError(f"unknown node ids {sorted(unknown)[:3]}")
+        self._available = sorted(node_ids)
 
     def actor_of(self, node_id: int) -> int:
         """Index of the actor that serves node `node_id` (always the same one)."""

@@ -26,19 +26,21 @@ from tqdm import tqdm
 
 from fedcl.config import to_container, to_yaml
 from fedcl.engine.actor import RemoteClientActor
+from fedcl.engine.audit import DeletionAudit, pop_trained_ids
+from fedcl.engine.events import apply_events
 from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid
 from fedcl.engine.pool import init_ray, pool_size
 from fedcl.engine.replies import screen_replies
 from fedcl.imports import load_object
-from fedcl.metrics.continual import continual_summary
+from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
 from fedcl.metrics.recorder import RunRecorder, ensure_no_run_in
 from fedcl.models import build_model
 from fedcl.scenario.datasets import ArrayDataset, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
-from fedcl.seeding import derive_seed
+from fedcl.seeding import derive_rng, derive_seed
 from fedcl.strategies import build_strategy
 from fedcl.strategies.base import ContinualStrategy
 
@@ -148,12 +150,30 @@ def start_client_actors(
     return actors
 
 
+def _online_clients(cfg: DictConfig, scenario: Scenario, server_round: int) -> list[int]:
+    """The available clients of the round, thinned to `clients.participation` (seeded)."""
+    available = scenario.available(server_round)
+    share = cfg.clients.participation
+    if share >= 1 or not available:
+        return available
+    count = max(1, round(share * len(available)))
+    rng = derive_rng(cfg.seed, "participation", server_round)
+    return sorted(int(c) for c in rng.choice(available, count, replace=False))
+
+
+def _nodes_needed(strategy: Any) -> int:
+    """How many online nodes the strategy waits for (stock Flower strategies sleep until then)."""
+    needed = [getattr(strategy, a, 0) for a in ("min_available_nodes", "min_train_nodes")]
+    return max([n for n in needed if isinstance(n, int)] + [1])
+
+
 def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
     continual = isinstance(strategy, ContinualStrategy)
-    task_starts = {int(start): task for task, start in enumerate(scenario.task_starts)}
-    task_ends = {end: task for task, end in enumerate(scenario.task_end_rounds())}
+    task_ends = set(scenario.task_end_rounds())
     init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
+    audit = DeletionAudit(scenario, recorder.out_dir if cfg.log.trained_samples else None)
+    needed = _nodes_needed(strategy)
     records: list[dict[str, Any]] = []
     updates = 0
     loop_started = time.perf_counter()
@@ -162,54 +182,76 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
     for server_round in range(1, cfg.rounds + 1):
         round_started = time.perf_counter()
         task = scenario.global_task(server_round)
-        # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
-        # (seed, round) makes their sampling reproducible and independent of earlier rounds.
-        if continual and server_round in task_starts:
-            arrays = strategy.on_task_start(server_round, task, arrays, grid) or arrays
-        random.seed(derive_seed(cfg.seed, "sample", server_round))
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = grid.send_and_receive(messages, timeout=cfg.engine.timeout_s)
-        replies, problems = screen_replies(list(replies), arrays, model_key)
-        for node_id, reason in problems:
-            bar.write(f"round {server_round}: client {node_id} failed: {reason}")
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
+        arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
+        for entry in applied:
+            recorder.record_event(entry)
+        online = _online_clients(cfg, scenario, server_round)
+        grid.set_available([node_id_of(c) for c in online])
+        messages, replies, problems, train_metrics = [], [], [], None
+        skipped = None
+        if len(online) < needed:
+            skipped = f"{len(online)} clients online, the strategy needs {needed}"
+        else:
+            # Stock Flower strategies sample nodes with the global `random`; seeding it per round
+            # from (seed, round) makes their sampling reproducible, independent of earlier rounds.
+            random.seed(derive_seed(cfg.seed, "sample", server_round))
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
+            audit.record(server_round, pop_trained_ids(replies))
+            replies, problems = screen_replies(replies, arrays, model_key)
+            for node_id, reason in problems:
+                bar.write(f"round {server_round}: client {node_id} failed: {reason}")
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
         succeeded = sum(not reply.has_error() for reply in replies)
         updates += succeeded
-        if continual and server_round in task_ends:
+        if continual and server_round in task_ends and scenario.global_task_starts:
             arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
 
-        acc = evaluator.evaluate(arrays, range(task + 1))
-        has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
-        acc_next = evaluator.evaluate(arrays, [task + 1]) if has_next else {}
+        seen = scenario.seen_tasks(server_round)
+        next_task = task + 1 if task + 1 < scenario.num_tasks and task + 1 not in seen else None
+        if not cfg.eval.forward_transfer:
+            next_task = None
+        scores = evaluator.evaluate_round(arrays, server_round, online, next_task)
         record = {
             "round": server_round,
             "task": task,
-            "acc": acc,
-            "acc_next": acc_next,
-            "avg_acc": mean(acc.values()),
+            "acc": scores.acc,
+            "acc_next": scores.acc_next,
+            "avg_acc": mean(scores.acc.values()),
+            "online": len(online),
             "sampled": len(messages),
             "replies": succeeded,
             "failures": [{"node": n, "reason": r} for n, r in problems],
             "train": dict(train_metrics) if isinstance(train_metrics, MetricRecord) else {},
             "round_s": time.perf_counter() - round_started,
         }
+        if skipped:
+            record["skipped"] = skipped
+        if scores.acc_by_concept:
+            record["acc_by_concept"] = scores.acc_by_concept
+            record["client_acc"] = scores.client_acc
         recorder.record_round(record)
         records.append(record)
         if cfg.checkpoint.every and server_round % cfg.checkpoint.every == 0:
             _checkpoint(recorder, server_round, arrays, strategy, grid)
-        bar.set_postfix(task=task, acc=f"{record['avg_acc']:.3f}", cur=f"{acc[str(task)]:.3f}")
+        current = scores.acc.get(str(task), float("nan"))
+        bar.set_postfix(task=task, acc=f"{record['avg_acc']:.3f}", cur=f"{current:.3f}")
         bar.update()
     bar.close()
     loop_s = time.perf_counter() - loop_started
-    summary = continual_summary(records, scenario.num_tasks, init_acc)
+    if scenario.is_sequential():
+        summary = continual_summary(records, scenario.num_tasks, init_acc)
+    else:
+        summary = stream_summary(records)
     summary.update(
         rounds=cfg.rounds,
         loop_s=loop_s,
         client_updates=updates,
         client_updates_per_s=updates / loop_s if loop_s > 0 else 0.0,
         init_acc=init_acc,
+        deletion_audit=audit.summary(),
     )
     return RunResult(recorder.out_dir, summary, records, arrays)
 

@@ -221,3 +221,39 @@ def continual_summary(
         "tasks_seen": seen,
         "final_round": final.get(ROUND),
     }
+
+
+def stream_summary(records: Sequence[Mapping], window: int = 10) -> dict[str, float | int | None]:
+    """Summary for streams where the task-end matrix is undefined (asynchronous per-client
+    boundaries, recurring tasks): built from every round's evaluation of every seen task.
+
+    * ``acc``: mean over the tasks in the final record's ``acc`` of their final accuracy.
+    * ``forgetting``: mean over those tasks of (best accuracy at any earlier round − final).
+    * ``windowed_forgetting``: as in `continual_summary`, over each task's evaluations.
+    * ``bwt``, ``fwt``, ``min_acc``, ``wc_acc``: None (they need tasks learned once, in order).
+    * ``tasks_seen``, ``final_round``.
+    """
+    evals = [r for r in records if ACC in r]
+    if not evals:
+        raise ValueError("no evaluation records (records with an 'acc' key) to summarise")
+    final = evals[-1][ACC]
+    history: dict[str, list[float]] = {}
+    for record in evals:
+        for task, value in record[ACC].items():
+            if value is not None and not math.isnan(value):
+                history.setdefault(task, []).append(float(value))
+    finals = {t: float(v) for t, v in final.items() if v is not None and not math.isnan(v)}
+    drops = [max(history[t]) - finals[t] for t in finals]
+    return {
+        "acc": _mean(list(finals.values())),
+        "bwt": None,
+        "forgetting": _mean(drops),
+        "fwt": None,
+        "min_acc": None,
+        "wc_acc": None,
+        "windowed_forgetting": _mean(
+            [_windowed_drop(series, window) for series in history.values()]
+        ),
+        "tasks_seen": len(history),
+        "final_round": evals[-1].get(ROUND),
+    }

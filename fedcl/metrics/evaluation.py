@@ -1,8 +1,10 @@
-"""Continual evaluation: the global model scored on the test data of each task, on the driver."""
+"""Continual evaluation on the driver: the global model scored on the test data of every task seen
+so far, under each concept the clients currently hold (evaluation follows drift)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -10,11 +12,28 @@ from torch import nn
 
 from fedcl.client.training import accuracy
 from fedcl.scenario.datasets import ArrayDataset
-from fedcl.scenario.scenario import Scenario
+from fedcl.scenario.scenario import Concept, Scenario
+
+
+def concept_label(concept: Concept) -> str:
+    """A readable name of a concept: 'original', or the drift events in force with severities."""
+    if not concept:
+        return "original"
+    return "+".join(f"drift{span.event}@{severity:.2f}" for span, severity in concept)
+
+
+@dataclass
+class RoundScores:
+    """One round's evaluation: accuracy per task (client-weighted over concepts) and details."""
+
+    acc: dict[str, float]
+    acc_next: dict[str, float]
+    acc_by_concept: dict[str, dict[str, float]] = field(default_factory=dict)
+    client_acc: dict[str, float] = field(default_factory=dict)
 
 
 class TaskEvaluator:
-    """Scores a model's arrays on the test set of each task of `scenario`."""
+    """Scores a model's arrays on the test set of each task of `scenario`, under given concepts."""
 
     def __init__(
         self,
@@ -24,19 +43,55 @@ class TaskEvaluator:
         batch_size: int = 1024,
     ) -> None:
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
+        self.num_classes = dataset.num_classes
         self.scenario = scenario
         self.model = new_model()
         self.batch_size = batch_size
 
-    def evaluate(self, arrays: ArrayRecord, tasks: Iterable[int]) -> dict[str, float]:
-        """Accuracy of the model with `arrays` on each task in `tasks` (str(task id) -> accuracy,
-        keyed as in metrics.jsonl)."""
+    def evaluate(
+        self, arrays: ArrayRecord, tasks: Iterable[int], concept: Concept = ()
+    ) -> dict[str, float]:
+        """Accuracy of the model with `arrays` on each task in `tasks` under `concept`
+        (str(task id) -> accuracy, keyed as in metrics.jsonl)."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        scores = {}
-        for task in tasks:
-            positions = self.scenario.test_indices[task]
-            x = self.scenario.task_inputs(self.x_test[positions], task)
-            scores[str(task)] = accuracy(self.model, x, self.y_test[positions], self.batch_size)
+        return {str(task): self._score(task, concept) for task in tasks}
+
+    def _score(self, task: int, concept: Concept) -> float:
+        ids = self.scenario.test_indices[task]
+        tasks = np.full(len(ids), task, dtype=np.int64)
+        view = self.scenario.view(self.x_test, self.y_test, ids, tasks, concept, split="test")
+        mask = self.scenario.class_mask(view.tasks, self.num_classes)
+        return accuracy(self.model, view.x, view.y, self.batch_size, class_mask=mask)
+
+    def evaluate_round(
+        self, arrays: ArrayRecord, server_round: int, clients: Sequence[int], next_task: int | None
+    ) -> RoundScores:
+        """Score every seen task under each concept held by `clients`, weighting concepts by how
+        many clients hold them; with several concepts, also per concept and per client (each
+        client on its current task under its own concept)."""
+        seen = self.scenario.seen_tasks(server_round)
+        groups: dict[str, tuple[Concept, list[int]]] = {}
+        for client in clients:
+            concept = self.scenario.concept(client, server_round)
+            groups.setdefault(concept_label(concept), (concept, []))[1].append(client)
+        if not groups:
+            groups["original"] = ((), [])
+        by_concept = {
+            label: self.evaluate(arrays, seen, concept) for label, (concept, _) in groups.items()
+        }
+        weights = {label: max(1, len(members)) for label, (_, members) in groups.items()}
+        total = sum(weights.values())
+        acc = {
+            str(t): sum(weights[g] * by_concept[g][str(t)] for g in groups) / total for t in seen
+        }
+        acc_next = self.evaluate(arrays, [next_task]) if next_task is not None else {}
+        scores = RoundScores(acc, acc_next)
+        if len(groups) > 1:
+            scores.acc_by_concept = by_concept
+            for label, (_, members) in groups.items():
+                for client in members:
+                    task = self.scenario.task_of(client, server_round)
+                    scores.client_acc[str(client)] = by_concept[label][str(task)]
         return scores
 
 

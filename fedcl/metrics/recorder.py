@@ -7,7 +7,7 @@ import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fedcl.errors import FedclError
 
@@ -45,11 +45,19 @@ class RunRecorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(config_yaml)
         self._metrics = (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._events: TextIO | None = None  # events.jsonl, opened at the first event
 
     def record_round(self, row: dict[str, Any]) -> None:
         """Append one round's metrics as a JSON line, flushed so a crash loses nothing written."""
         self._metrics.write(json.dumps(_json_safe(row)) + "\n")
         self._metrics.flush()
+
+    def record_event(self, entry: dict[str, Any]) -> None:
+        """Append one applied event to events.jsonl."""
+        if self._events is None:
+            self._events = (self.out_dir / "events.jsonl").open("a", encoding="utf-8")
+        self._events.write(json.dumps(_json_safe(entry)) + "\n")
+        self._events.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write summary.json (last, so its presence means the run completed)."""
@@ -65,8 +73,10 @@ class RunRecorder:
         return path
 
     def close(self) -> None:
-        """Close the metrics file."""
+        """Close the metrics and events files."""
         self._metrics.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
