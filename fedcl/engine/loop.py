@@ -113,7 +113,13 @@ def run_simulation(
             strategy=cfg.strategy.get("target") or cfg.strategy.get("name"),
         )
         recorder.write_summary(result.summary)
-        plot_run(result.records, recorder.out_dir, scenario.num_tasks, title=cfg.name)
+        plot_run(
+            result.records,
+            recorder.out_dir,
+            scenario.num_tasks,
+            title=cfg.name,
+            matrix=scenario.is_sequential(),
+        )
         return result
     finally:
         recorder.close()

@@ -121,7 +121,11 @@ def _plot_matrix(records: Sequence[Mapping], num_tasks: int, title: str, path: P
 
 
 def plot_run(
-    records: Sequence[Mapping], out_dir: str | Path, num_tasks: int, title: str = ""
+    records: Sequence[Mapping],
+    out_dir: str | Path,
+    num_tasks: int,
+    title: str = "",
+    matrix: bool = True,
 ) -> list[Path]:
     """Draw a run's accuracy curves and task-end accuracy matrix into ``out_dir``.
 
@@ -131,12 +135,17 @@ def plot_run(
     the cells and NaN cells left blank). ``title``, when given, heads both figures above their
     description. Creates ``out_dir`` if needed, overwrites existing files, and returns the two
     paths in that order. Raises ``ValueError`` for records ``accuracy_matrix`` rejects.
+    With ``matrix=False`` (streams whose tasks recur or switch per client, where the task-end
+    matrix is undefined) only ``accuracy.png`` is drawn and returned.
     """
-    # The matrix validates the records, so bad input fails before anything is written.
-    accuracy_matrix(records, num_tasks)
+    if matrix:
+        # The matrix validates the records, so bad input fails before anything is written.
+        accuracy_matrix(records, num_tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     curves, heatmap = out_dir / ACCURACY_PNG, out_dir / MATRIX_PNG
     _plot_accuracy(records, num_tasks, title, curves)
+    if not matrix:
+        return [curves]
     _plot_matrix(records, num_tasks, title, heatmap)
     return [curves, heatmap]
