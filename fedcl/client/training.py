@@ -72,7 +72,7 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
                 steps += 1
                 examples += len(batch)
                 if max_steps is not None and steps >= max_steps:
