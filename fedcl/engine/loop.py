@@ -47,12 +47,14 @@ from fedcl.strategies.base import ContinualStrategy
 
 @dataclass
 class RunResult:
-    """What a finished run leaves: folder, summary, per-round records, final global arrays."""
+    """What a finished run leaves: folder, summary, per-round records, final global arrays, and
+    the strategy object itself (with whatever state it kept, e.g. FOT bases)."""
 
     out_dir: Path
     summary: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
     arrays: ArrayRecord | None = None
+    strategy: Any = None
 
 
 def default_out_dir(cfg: DictConfig) -> Path:
@@ -259,7 +261,7 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
         init_acc=init_acc,
         deletion_audit=audit.summary(),
     )
-    return RunResult(recorder.out_dir, summary, records, arrays)
+    return RunResult(recorder.out_dir, summary, records, arrays, strategy)
 
 
 def _checkpoint(recorder: RunRecorder, server_round: int, arrays, strategy, grid: RayGrid) -> None:

@@ -153,3 +153,41 @@ def test_recurring_tasks_and_blurry_boundaries(digits):
     ids, tasks = scenario.client_ids(0, 6)  # later rounds: only task 1
     assert set(tasks.tolist()) == {1}
     assert not scenario.is_sequential()
+
+
+def test_joining_clients_are_unavailable_before_their_round(digits):
+    scenario = scenario_of(digits, "events=[{round: 5, kind: join, clients: [4, 5]}]")
+    assert scenario.available(4) == [0, 1, 2, 3]
+    assert scenario.available(5) == [0, 1, 2, 3, 4, 5]
+
+
+def test_task_incremental_masks_each_sample_to_its_tasks_classes(digits):
+    scenario = scenario_of(digits, "scenario.kind=task_incremental", "scenario.num_tasks=5")
+    tasks = np.array([0, 3, 3, 4])
+    mask = scenario.class_mask(tasks, 10)
+    assert [np.flatnonzero(row).tolist() for row in mask] == [[0, 1], [6, 7], [6, 7], [8, 9]]
+    assert scenario_of(digits).class_mask(tasks, 10) is None  # class-incremental: one head
+
+
+def test_rotated_domains_rotate_images_by_task(digits):
+    scenario = scenario_of(
+        digits,
+        "scenario.kind=domain_incremental",
+        "scenario.domain_transform=rotation",
+        "scenario.num_tasks=2",
+    )
+    x = digits.x_test[:3]
+    assert np.array_equal(scenario.task_inputs(x, 0), x)
+    assert np.allclose(scenario.task_inputs(x, 1), np.rot90(x, k=1, axes=(-2, -1)), atol=1e-5)
+    with pytest.raises(ConfigError, match="needs image input"):
+        build_scenario(
+            load_config(
+                None,
+                [
+                    "scenario.kind=domain_incremental",
+                    "scenario.domain_transform=rotation",
+                    "dataset.name=gaussian",
+                ],
+            ),
+            load_dataset("gaussian"),
+        )
