@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from math import prod
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedcl.errors import ConfigError
+from fedcl.seeding import derive_seed
 
 MODELS = ("mlp", "cnn")
 
@@ -87,3 +89,19 @@ def build_model(
         if name == "cnn":
             return CNN(input_shape, num_classes, channels)
     raise ConfigError(f"unknown model.name '{name}'; valid: {', '.join(MODELS)}")
+
+
+def model_from_config(
+    config: Mapping[str, Any], input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    """The run's model as `config` (the resolved config as plain containers) describes it, with
+    the run's initial weights: driver and clients build the very same network."""
+    model = config["model"]
+    return build_model(
+        model["name"],
+        input_shape,
+        num_classes,
+        hidden=model["hidden"],
+        channels=model["channels"],
+        seed=derive_seed(int(config["seed"]), "init"),
+    )

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from fedcl.models import build_model
+from fedcl.models import model_from_config
 from fedcl.scenario.scenario import ClientView, Scenario
-from fedcl.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -37,15 +36,7 @@ class ClientRuntime:
 
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (load the server's arrays into it)."""
-        model_cfg = self.config["model"]
-        return build_model(
-            model_cfg["name"],
-            self.input_shape,
-            self.num_classes,
-            hidden=model_cfg["hidden"],
-            channels=model_cfg["channels"],
-            seed=derive_seed(self.seed, "init"),
-        )
+        return model_from_config(self.config, self.input_shape, self.num_classes)
 
     def train_data(self, client: int, task: int) -> tuple[np.ndarray, np.ndarray]:
         """Copies of client `client`'s training inputs (as task `task` presents them) and labels,

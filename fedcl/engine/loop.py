@@ -37,7 +37,7 @@ from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
 from fedcl.metrics.recorder import RunRecorder, ensure_no_run_in
-from fedcl.models import build_model
+from fedcl.models import model_from_config
 from fedcl.scenario.datasets import ArrayDataset, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_rng, derive_seed
@@ -78,17 +78,9 @@ def run_simulation(
         cfg.dataset.name, seed=cfg.seed, root=cfg.dataset.root, **container["dataset"]["options"]
     )
     scenario = build_scenario(cfg, dataset)
-    model_seed = derive_seed(cfg.seed, "init")
 
     def new_model():
-        return build_model(
-            cfg.model.name,
-            dataset.input_shape,
-            dataset.num_classes,
-            hidden=cfg.model.hidden,
-            channels=cfg.model.channels,
-            seed=model_seed,
-        )
+        return model_from_config(container, dataset.input_shape, dataset.num_classes)
 
     arrays = ArrayRecord(new_model().state_dict())
     strategy = build_strategy(container["strategy"], cfg.clients.num)
@@ -100,11 +92,12 @@ def run_simulation(
         cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
     )
 
-    recorder = RunRecorder(out_dir, to_yaml(cfg))
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
     actors = start_client_actors(container, dataset, scenario, run_id, num_actors)
+    recorder = None
     try:
+        recorder = RunRecorder(out_dir, to_yaml(cfg))
         grid = RayGrid(actors, [node_id_of(c) for c in range(cfg.clients.num)], make_run(run_id))
         evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
         result = _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress)
@@ -124,7 +117,8 @@ def run_simulation(
         )
         return result
     finally:
-        recorder.close()
+        if recorder is not None:
+            recorder.close()
         for actor in actors:
             ray.kill(actor)
 
