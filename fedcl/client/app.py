@@ -58,14 +58,22 @@ def bump_train_count(context: Context) -> int:
     return int(record["train-count"])
 
 
+def received(msg: Message, context: Context) -> tuple[nn.Module, ConfigRecord, int, int]:
+    """The global model a message carries (loaded into a fresh network), its config record, this
+    client's id and the server round."""
+    arrays = single_record(msg.content.array_records, "ArrayRecord")
+    config = single_record(msg.content.config_records, "ConfigRecord")
+    model = current_runtime().new_model()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    client = int(context.node_config["partition-id"])
+    return model, config, client, int(config["server-round"])
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's current task; reply with the new weights."""
     runtime = current_runtime()
-    arrays = single_record(msg.content.array_records, "ArrayRecord")
-    config = single_record(msg.content.config_records, "ConfigRecord")
-    client = int(context.node_config["partition-id"])
-    server_round = int(config["server-round"])
+    model, config, client, server_round = received(msg, context)
     scenario = runtime.scenario
     task = scenario.task_of(client, server_round)
     train_cfg = runtime.config["train"]
@@ -77,9 +85,6 @@ def train(msg: Message, context: Context) -> Message:
             extra_ids, extra_tasks = replay.replay_samples(context)
     view = runtime.client_view(client, server_round, extra_ids, extra_tasks)
     x, y = view.x, view.y
-
-    model = runtime.new_model()
-    model.load_state_dict(arrays.to_torch_state_dict())
     stats = train_local(
         model,
         x,
@@ -126,12 +131,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on this client's training data of its current task."""
     runtime = current_runtime()
-    arrays = single_record(msg.content.array_records, "ArrayRecord")
-    config = single_record(msg.content.config_records, "ConfigRecord")
-    client = int(context.node_config["partition-id"])
-    view = runtime.client_view(client, int(config["server-round"]))
-    model = runtime.new_model()
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model, _, client, server_round = received(msg, context)
+    view = runtime.client_view(client, server_round)
     mask = runtime.scenario.class_mask(view.tasks, runtime.num_classes)
     score = accuracy(model, view.x, view.y, class_mask=mask)
     metrics = MetricRecord({"num-examples": len(view.y), "accuracy": score})
