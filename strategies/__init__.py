@@ -24,6 +24,9 @@ _REGISTRY: dict[str, str | type[Strategy]] = {
     "fedyogi": "flwr.serverapp.strategy:FedYogi",
     "fedmedian": "flwr.serverapp.strategy:FedMedian",
     "fedtrimmedavg": "flwr.serverapp.strategy:FedTrimmedAvg",
+    "fot": "fedcl.strategies.fot:FOT",
+    "prototypes": "fedcl.strategies.prototypes:PrototypeAveraging",
+    "fisher": "fedcl.strategies.fisher:FisherMerging",
 }
 
 

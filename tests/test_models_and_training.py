@@ -75,7 +75,7 @@ def test_proximal_term_keeps_weights_closer_to_the_start():
             proximal_mu=mu,
         )
         moved[mu] = sum(
-            float((p - q).pow(2).sum())
+            float((p - q).detach().pow(2).sum())
             for p, q in zip(net.parameters(), start.parameters(), strict=True)
         )
     assert moved[10.0] < 0.5 * moved[0.0]

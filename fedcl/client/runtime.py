@@ -44,6 +44,15 @@ class ClientRuntime:
         positions = self.scenario.train_indices(client, task)
         return self.scenario.task_inputs(self.x_train[positions], task), self.y_train[positions]
 
+    def task_view(self, client: int, server_round: int, task: int) -> ClientView:
+        """Client `client`'s data of `task` alone (no replay, no blurry mix-in) as it holds it in
+        `server_round`: deleted samples removed, its current concept applied."""
+        ids = self.scenario.train_indices(client, task)
+        ids = ids[~self.scenario.deleted(ids, server_round)]
+        tasks = np.full(len(ids), task, dtype=np.int64)
+        concept = self.scenario.concept(client, server_round)
+        return self.scenario.view(self.x_train, self.y_train, ids, tasks, concept)
+
     def client_view(
         self,
         client: int,
