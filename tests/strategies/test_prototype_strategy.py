@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 import fedcl
 from fedcl.engine.flower_compat import node_id_of
 from fedcl.errors import ConfigError
+from fedcl.scenario.datasets import load_dataset
 from fedcl.strategies import build_strategy
 from fedcl.strategies.base import DeletionRequest
 from fedcl.strategies.prototype_math import PrototypeBank
@@ -183,3 +184,30 @@ def test_bad_arguments_give_one_line_config_errors(spec, words):
     with pytest.raises(ConfigError, match=words) as error:
         build_strategy({"name": "prototypes", **spec}, num_clients=10)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_class_deleted_mid_run_leaves_the_prototype_head_exactly(tmp_path):
+    digits = load_dataset("digits")
+    result = fedcl.run(
+        None,
+        [
+            "dataset.name=digits",
+            "scenario.num_tasks=3",
+            "rounds=6",
+            "clients.num=4",
+            "engine.num_actors=2",
+            "log.progress=false",
+            "strategy.name=prototypes",
+            "events=[{round: 5, kind: delete, what: class, class: 5}]",
+        ],
+        out=tmp_path / "run",
+    )
+    bank = result.strategy.global_bank()
+    assert bank.counts[5] == 0
+    # every other class of the tasks seen holds all of its training samples, once
+    for cls in (4, 6, 7, 8, 9):
+        assert bank.counts[cls] == int((digits.y_train == cls).sum())
+    bias = result.arrays["head.bias"].numpy()
+    assert bias[5] == np.float32(UNKNOWN_CLASS_BIAS)
+    assert result.summary["deletion_audit"]["used_after_delete"] == 0
