@@ -63,6 +63,11 @@ class ContinualStrategy:
         global or per client)."""
         return None
 
+    def on_client_task_end(self, server_round: int, node_id: int, task: int) -> None:
+        """After round `server_round`, client `node_id`'s last round on `task` (it switches task,
+        leaves, or the run ends)."""
+        return None
+
     def on_drift(self, drift: DriftEvent, arrays: ArrayRecord, grid: Grid) -> ArrayRecord | None:
         """Before round `drift.server_round`, from which the drift applies; may return arrays."""
         return None

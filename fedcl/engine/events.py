@@ -59,3 +59,17 @@ def apply_events(
             )
             arrays = hooks.on_delete(request, arrays, grid) or arrays
     return arrays, entries
+
+
+def client_task_ends(scenario: Scenario, server_round: int) -> list[tuple[int, int]]:
+    """(client, task) pairs whose task ends with `server_round`: the client trains a different
+    task (or none, having left) in the next round, or the run ends."""
+    ends = []
+    for client in range(scenario.num_clients):
+        task = scenario.task_of(client, server_round)
+        if task < 0 or server_round >= scenario.leave_round[client]:
+            continue
+        last = server_round == scenario.rounds or server_round + 1 >= scenario.leave_round[client]
+        if last or scenario.previous_task(client, server_round + 1)[1] == server_round + 1:
+            ends.append((client, task))
+    return ends

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from fedcl.config import to_container, to_yaml
 from fedcl.engine.actor import RemoteClientActor
 from fedcl.engine.audit import DeletionAudit, pop_trained_ids
-from fedcl.engine.events import apply_events
+from fedcl.engine.events import apply_events, client_task_ends
 from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid
 from fedcl.engine.pool import init_ray, pool_size
@@ -208,8 +208,11 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
                 arrays = new_arrays
         succeeded = sum(not reply.has_error() for reply in replies)
         updates += succeeded
-        if continual and server_round in task_ends and scenario.global_task_starts:
-            arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
+        if continual:
+            for client, ended in client_task_ends(scenario, server_round):
+                strategy.on_client_task_end(server_round, node_id_of(client), ended)
+            if server_round in task_ends and scenario.global_task_starts:
+                arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
 
         seen = scenario.seen_tasks(server_round)
         next_task = task + 1 if task + 1 < scenario.num_tasks and task + 1 not in seen else None

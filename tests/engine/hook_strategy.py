@@ -23,6 +23,9 @@ class RecordingFedAvg(FedAvg, ContinualStrategy):
     def on_client_task_start(self, server_round, node_id, task):
         self.calls.append(("client_task_start", server_round, node_id, task))
 
+    def on_client_task_end(self, server_round, node_id, task):
+        self.calls.append(("client_task_end", server_round, node_id, task))
+
     def on_drift(self, drift, arrays, grid):
         self.calls.append(("drift", drift.server_round, drift.type, drift.node_ids))
 

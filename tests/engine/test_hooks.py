@@ -7,7 +7,7 @@ import pytest
 
 import fedcl
 from fedcl.config import load_config
-from fedcl.engine.events import apply_events
+from fedcl.engine.events import apply_events, client_task_ends
 from fedcl.scenario.datasets import load_dataset
 from fedcl.scenario.scenario import build_scenario
 from fedcl.strategies import build_strategy
@@ -64,3 +64,36 @@ def test_task_hooks_run_at_the_boundaries_of_a_real_run(tmp_path):
         ("task_start", 3, 1),
         ("task_end", 5, 1),
     ]
+    client_ends = [c[1:] for c in result.strategy.calls if c[0] == "client_task_end"]
+    assert client_ends == [(2, 1000 + c, 0) for c in range(4)] + [
+        (5, 1000 + c, 1) for c in range(4)
+    ]
+
+
+def test_per_client_task_ends_follow_each_clients_stream():
+    cfg = load_config(
+        None,
+        [
+            "clients.num=5",
+            "rounds=12",
+            "scenario.num_tasks=3",
+            "scenario.boundaries=async",
+            "scenario.async_start=3",
+            "scenario.async_rounds_per_task=[2,4]",
+            "events=[{round: 7, kind: leave, clients: [4]}]",
+        ],
+    )
+    scenario = build_scenario(cfg, load_dataset("digits"))
+    ends = {r: client_task_ends(scenario, r) for r in range(1, 13)}
+    for client in range(5):
+        mine = [(r, t) for r, pairs in ends.items() for c, t in pairs if c == client]
+        trained = [(r, scenario.task_of(client, r)) for r in range(1, 13)]
+        trained = [(r, t) for r, t in trained if t >= 0 and r < scenario.leave_round[client]]
+        # a task ends exactly where the next round trains something else (or nothing)
+        expected = [
+            (r, t)
+            for i, (r, t) in enumerate(trained)
+            if i + 1 == len(trained) or trained[i + 1][1] != t or trained[i + 1][0] != r + 1
+        ]
+        assert mine == expected
+    assert (6, 4) in [(r, c) for r, pairs in ends.items() for c, _ in pairs]  # leaves at 7
