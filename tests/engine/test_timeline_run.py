@@ -13,14 +13,11 @@ import fedcl
 from fedcl.config import load_config
 from fedcl.scenario.datasets import load_dataset
 from fedcl.scenario.scenario import build_scenario
+from tests.engine.runs import read_jsonl, run_with_actors
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 BASE = ["clients.num=6", "rounds=8", "engine.num_actors=2", "log.progress=false"]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def trained_samples(out: Path) -> dict[int, dict[int, np.ndarray]]:
@@ -101,14 +98,7 @@ def test_same_seed_same_events_and_metrics_with_one_or_two_actors(tmp_path):
         "generate=[{kind: drift, rate: 0.4, type: label_swap, pairs: [[0, 1]],"
         " clients_per_event: 2}]",
     ]
-    outputs = {}
-    for actors in (1, 2):
-        out = tmp_path / f"a{actors}"
-        fedcl.run(None, [*overrides, f"engine.num_actors={actors}"], out=out)
-        records = read_jsonl(out / "metrics.jsonl")
-        for record in records:
-            record.pop("round_s")
-        outputs[actors] = (read_jsonl(out / "events.jsonl"), records)
+    outputs = {a: run_with_actors(overrides, tmp_path / f"a{a}", a) for a in (1, 2)}
     assert outputs[1] == outputs[2]
     events, records = outputs[1]
     assert any(e["kind"] == "drift" for e in events)
