@@ -169,13 +169,48 @@ def _nodes_needed(strategy: Any) -> int:
     return max([n for n in needed if isinstance(n, int)] + [1])
 
 
-def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
+@dataclass
+class TrainStep:
+    """What one round's training did: the new arrays and what the clients answered."""
+
+    arrays: ArrayRecord
+    sampled: int = 0
+    succeeded: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def _train_step(cfg, strategy, grid, arrays, server_round, online, audit) -> TrainStep:
+    """configure_train -> send_and_receive -> audit and screen replies -> aggregate_train."""
+    needed = _nodes_needed(strategy)
+    if len(online) < needed:
+        return TrainStep(
+            arrays, skipped=f"{len(online)} clients online, the strategy needs {needed}"
+        )
+    # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
+    # (seed, round) makes their sampling reproducible and independent of earlier rounds.
+    random.seed(derive_seed(cfg.seed, "sample", server_round))
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
+    audit.record(server_round, pop_trained_ids(replies))
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
+    replies, problems = screen_replies(replies, arrays, model_key)
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return TrainStep(
+        arrays=new_arrays if new_arrays is not None else arrays,
+        sampled=len(messages),
+        succeeded=sum(not reply.has_error() for reply in replies),
+        problems=problems,
+        metrics=dict(metrics) if isinstance(metrics, MetricRecord) else {},
+    )
+
+
+def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
     continual = isinstance(strategy, ContinualStrategy)
     task_ends = set(scenario.task_end_rounds())
     init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
     audit = DeletionAudit(scenario, recorder.out_dir if cfg.log.trained_samples else None)
-    needed = _nodes_needed(strategy)
     records: list[dict[str, Any]] = []
     updates = 0
     loop_started = time.perf_counter()
@@ -189,25 +224,11 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
             recorder.record_event(entry)
         online = _online_clients(cfg, scenario, server_round)
         grid.set_available([node_id_of(c) for c in online])
-        messages, replies, problems, train_metrics = [], [], [], None
-        skipped = None
-        if len(online) < needed:
-            skipped = f"{len(online)} clients online, the strategy needs {needed}"
-        else:
-            # Stock Flower strategies sample nodes with the global `random`; seeding it per round
-            # from (seed, round) makes their sampling reproducible, independent of earlier rounds.
-            random.seed(derive_seed(cfg.seed, "sample", server_round))
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
-            audit.record(server_round, pop_trained_ids(replies))
-            replies, problems = screen_replies(replies, arrays, model_key)
-            for node_id, reason in problems:
-                bar.write(f"round {server_round}: client {node_id} failed: {reason}")
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-        succeeded = sum(not reply.has_error() for reply in replies)
-        updates += succeeded
+        step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit)
+        arrays = step.arrays
+        updates += step.succeeded
+        for node_id, reason in step.problems:
+            bar.write(f"round {server_round}: client {node_id} failed: {reason}")
         if continual:
             for client, ended in client_task_ends(scenario, server_round):
                 strategy.on_client_task_end(server_round, node_id_of(client), ended)
@@ -215,10 +236,11 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
                 arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
 
         seen = scenario.seen_tasks(server_round)
-        next_task = task + 1 if task + 1 < scenario.num_tasks and task + 1 not in seen else None
-        if not cfg.eval.forward_transfer:
-            next_task = None
-        scores = evaluator.evaluate_round(arrays, server_round, online, next_task)
+        has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
+        next_task = task + 1 if has_next and task + 1 not in seen else None
+        # Concepts are weighted over every available client, not only this round's online ones.
+        population = scenario.available(server_round)
+        scores = evaluator.evaluate_round(arrays, server_round, population, next_task)
         record = {
             "round": server_round,
             "task": task,
@@ -226,14 +248,14 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
             "acc_next": scores.acc_next,
             "avg_acc": mean(scores.acc.values()),
             "online": len(online),
-            "sampled": len(messages),
-            "replies": succeeded,
-            "failures": [{"node": n, "reason": r} for n, r in problems],
-            "train": dict(train_metrics) if isinstance(train_metrics, MetricRecord) else {},
+            "sampled": step.sampled,
+            "replies": step.succeeded,
+            "failures": [{"node": n, "reason": r} for n, r in step.problems],
+            "train": step.metrics,
             "round_s": time.perf_counter() - round_started,
         }
-        if skipped:
-            record["skipped"] = skipped
+        if step.skipped:
+            record["skipped"] = step.skipped
         if scores.acc_by_concept:
             record["acc_by_concept"] = scores.acc_by_concept
             record["client_acc"] = scores.client_acc
