@@ -101,7 +101,8 @@ class EngineConfig:
     # None: start (or reuse) a local Ray; "auto" or "ray://host:port" attaches to a cluster.
     ray_address: str | None = None
     torch_threads: int = 1
-    timeout_s: float = 3600.0
+    timeout_s: float = 3600.0  # a round's replies are waited for this long
+    start_timeout_s: float = 300.0  # actors must be placed and ready within this
 
 
 @dataclass

@@ -31,6 +31,7 @@ class RayGrid(Grid):
         self._requests: dict[str, Message] = {}  # message id -> message, until its reply is pulled
         self._in_flight: dict[ray.ObjectRef, list[str]] = {}  # actor call -> message ids it carries
         self._replies: dict[str, Message] = {}  # request message id -> reply
+        self._abandoned: set[str] = set()  # timed out: their late replies are dropped
         self._known = set(self.node_ids)
         self._available = list(self.node_ids)
 
@@ -114,7 +115,13 @@ class RayGrid(Grid):
             if remaining == 0.0:
                 break
             self._collect(timeout=remaining, wait_for_one=True)
-        return self.pull_messages(message_ids)
+        replies = self.pull_messages(message_ids)
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        for message_id in message_ids:
+            if message_id not in answered:  # timed out, as Flower's grids drop late replies
+                self._abandoned.add(message_id)
+                self._requests.pop(message_id, None)
+        return replies
 
     # --- internals ---------------------------------------------------------------------------
     def _collect(self, timeout: float | None, wait_for_one: bool = False) -> None:
@@ -125,12 +132,16 @@ class RayGrid(Grid):
         ready, _ = ray.wait(refs, num_returns=1 if wait_for_one else len(refs), timeout=timeout)
         for ref in ready:
             message_ids = self._in_flight.pop(ref)
+            replies: list[Message] | None = None
             try:
                 replies = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                reason = f"actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                replies = [
-                    error_reply(self._requests[m], reason, crashed=True) for m in message_ids
-                ]
-            for message_id, reply in zip(message_ids, replies, strict=True):
-                self._replies[message_id] = reply
+                failure = f"actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            for i, message_id in enumerate(message_ids):
+                if message_id in self._abandoned:
+                    self._abandoned.discard(message_id)
+                elif replies is not None:
+                    self._replies[message_id] = replies[i]
+                else:
+                    request = self._requests[message_id]
+                    self._replies[message_id] = error_reply(request, failure, crashed=True)

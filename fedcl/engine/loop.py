@@ -32,6 +32,7 @@ from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid
 from fedcl.engine.pool import init_ray, pool_size
 from fedcl.engine.replies import screen_replies
+from fedcl.errors import FedclError
 from fedcl.imports import load_object
 from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
@@ -119,8 +120,7 @@ def run_simulation(
     finally:
         if recorder is not None:
             recorder.close()
-        for actor in actors:
-            ray.kill(actor)
+        _kill(actors)
 
 
 def start_client_actors(
@@ -143,13 +143,26 @@ def start_client_actors(
         )
         for _ in range(num_actors)
     ]
+    timeout = engine["start_timeout_s"]
     try:
-        ray.get([actor.ready.remote() for actor in actors])
-    except ray.exceptions.RayError:
-        for actor in actors:
-            ray.kill(actor)
-        raise
+        ray.get([actor.ready.remote() for actor in actors], timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        _kill(actors)
+        raise FedclError(
+            f"the {num_actors} client actors were not ready within engine.start_timeout_s="
+            f"{timeout:g} s: Ray could not place them (other jobs holding CPUs/GPUs? see "
+            "`ray status`) or they start slowly"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        _kill(actors)
+        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise FedclError(f"client actors failed to start: {cause}") from None
     return actors
+
+
+def _kill(actors: list[ray.actor.ActorHandle]) -> None:
+    for actor in actors:
+        ray.kill(actor)
 
 
 def _online_clients(cfg: DictConfig, scenario: Scenario, server_round: int) -> list[int]:
