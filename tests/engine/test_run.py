@@ -118,7 +118,8 @@ def test_summary_agrees_with_metrics_jsonl(tmp_path):
     assert summary["fwt"] == pytest.approx(fwt)
     assert summary["rounds"] == 6 == len(records)
     assert summary["client_updates"] == sum(r["replies"] for r in records)
-    assert {"client_updates_per_s", "wall_s", "loop_s"} <= set(summary)
+    system_keys = {"client_updates_per_s", "wall_s", "loop_s"}  # present; values not asserted
+    assert system_keys <= set(summary)
     assert (out / "config.yaml").read_text().startswith("seed: 0")
     assert (out / "accuracy.png").stat().st_size > 1000
 
