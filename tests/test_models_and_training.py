@@ -84,3 +84,20 @@ def test_proximal_term_keeps_weights_closer_to_the_start():
 def test_unknown_model_is_refused():
     with pytest.raises(ConfigError, match="unknown model.name 'resnet'; valid: mlp, cnn"):
         build_model("resnet", (1, 8, 8), 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_a_gpu_matches_the_cpu_and_returns_a_cpu_model():
+    data = load_dataset("digits")
+    nets = {}
+    for device in ("cpu", "cuda"):
+        net = build_model("mlp", data.input_shape, data.num_classes, seed=2)
+        train_local(
+            net, data.x_train, data.y_train, epochs=1, batch_size=32, lr=0.05, seed=0, device=device
+        )
+        nets[device] = net
+    for (name, cpu), gpu in zip(
+        nets["cpu"].state_dict().items(), nets["cuda"].state_dict().values(), strict=True
+    ):
+        assert gpu.device.type == "cpu"
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4, msg=name)

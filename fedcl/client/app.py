@@ -98,6 +98,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         class_mask=scenario.class_mask(view.tasks, runtime.num_classes),
         seed=derive_seed(runtime.seed, "train", client, server_round, task),
+        device=runtime.device,
     )
     if train_cfg["replay_size"] > 0:
         current = view.ids[view.tasks == task]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedcl.models import model_from_config
@@ -33,6 +34,12 @@ class ClientRuntime:
     def seed(self) -> int:
         """The run's seed; derive every draw from it with `fedcl.seeding.derive_seed`."""
         return int(self.config["seed"])
+
+    @property
+    def device(self) -> str:
+        """Where local training runs: "cuda" when the actor was given a GPU share, else "cpu"."""
+        wants_gpu = float(self.config["engine"]["num_gpus_per_actor"]) > 0
+        return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (load the server's arrays into it)."""

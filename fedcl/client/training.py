@@ -34,35 +34,41 @@ def train_local(
     proximal_mu: float = 0.0,
     max_steps: int | None = None,
     class_mask: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> TrainStats:
     """Train `model` in place with SGD on (x, y); batches and dropout draw only from `seed`.
 
     With `proximal_mu > 0` the FedProx term (mu/2)·||w − w_start||² is added to the loss, w_start
     being the weights the model had on entry (the global model). `class_mask` (n, classes) limits
-    each sample's softmax to its task's classes (task-incremental learning).
+    each sample's softmax to its task's classes (task-incremental learning). Training runs on
+    `device` (e.g. "cuda" in an actor holding a GPU share); the model is returned on the CPU.
     """
     if len(x) == 0:
         return TrainStats(loss=0.0, steps=0, examples=0, rows_used=np.zeros(0, dtype=np.int64))
-    inputs, targets = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-    masks = torch.from_numpy(class_mask) if class_mask is not None else None
+    model.to(device)
+    inputs = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    targets = torch.from_numpy(y).to(device)
+    masks = torch.from_numpy(class_mask).to(device) if class_mask is not None else None
     used = torch.zeros(len(inputs), dtype=torch.bool)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    generator = torch.Generator().manual_seed(seed)
-    total_loss, steps, examples = 0.0, 0, 0
+    generator = torch.Generator().manual_seed(seed)  # batch order: on the CPU, device-independent
+    total_loss, steps, examples = torch.zeros((), device=device, dtype=torch.float64), 0, 0
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    cuda_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)  # dropout and any other in-model randomness
         for _ in range(epochs):
             order = torch.randperm(len(inputs), generator=generator)
-            for batch in order.split(batch_size):
+            for cpu_batch in order.split(batch_size):
+                batch = cpu_batch.to(device)
                 logits = model(inputs[batch])
                 if masks is not None:
                     logits = logits.masked_fill(~masks[batch], float("-inf"))
                 loss = F.cross_entropy(logits, targets[batch])
-                used[batch] = True
+                used[cpu_batch] = True
                 if anchor:
                     drift = sum(
                         (p - a).pow(2).sum()
@@ -72,15 +78,16 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss.detach())
+                total_loss += loss.detach().double()  # no host sync per step on a GPU
                 steps += 1
                 examples += len(batch)
                 if max_steps is not None and steps >= max_steps:
                     break
             if max_steps is not None and steps >= max_steps:
                 break
+    model.to("cpu")
     rows = torch.nonzero(used).flatten().numpy()
-    return TrainStats(total_loss / steps, steps, examples, rows)
+    return TrainStats(float(total_loss) / steps, steps, examples, rows)
 
 
 @torch.no_grad()
