@@ -45,12 +45,6 @@ class ClientRuntime:
         """A fresh model of the run's architecture (load the server's arrays into it)."""
         return model_from_config(self.config, self.input_shape, self.num_classes)
 
-    def train_data(self, client: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of client `client`'s training inputs (as task `task` presents them) and labels,
-        ignoring the timeline (no deletions, no drift): prefer `client_view`."""
-        positions = self.scenario.train_indices(client, task)
-        return self.scenario.task_inputs(self.x_train[positions], task), self.y_train[positions]
-
     def task_view(self, client: int, server_round: int, task: int) -> ClientView:
         """Client `client`'s data of `task` alone (no replay, no blurry mix-in) as it holds it in
         `server_round`: deleted samples removed, its current concept applied."""

@@ -165,9 +165,8 @@ def _kill(actors: list[ray.actor.ActorHandle]) -> None:
         ray.kill(actor)
 
 
-def _online_clients(cfg: DictConfig, scenario: Scenario, server_round: int) -> list[int]:
-    """The available clients of the round, thinned to `clients.participation` (seeded)."""
-    available = scenario.available(server_round)
+def _online_clients(cfg: DictConfig, available: list[int], server_round: int) -> list[int]:
+    """The round's `available` clients, thinned to `clients.participation` (seeded)."""
     share = cfg.clients.participation
     if share >= 1 or not available:
         return available
@@ -235,7 +234,8 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
         arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
         for entry in applied:
             recorder.record_event(entry)
-        online = _online_clients(cfg, scenario, server_round)
+        available = scenario.available(server_round)
+        online = _online_clients(cfg, available, server_round)
         grid.set_available([node_id_of(c) for c in online])
         step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit)
         arrays = step.arrays
@@ -252,8 +252,7 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
         has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
         next_task = task + 1 if has_next and task + 1 not in seen else None
         # Concepts are weighted over every available client, not only this round's online ones.
-        population = scenario.available(server_round)
-        scores = evaluator.evaluate_round(arrays, server_round, population, next_task)
+        scores = evaluator.evaluate_round(arrays, server_round, available, next_task)
         record = {
             "round": server_round,
             "task": task,

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedcl.errors import ConfigError
 
 EVENT_KINDS = ("task", "drift", "delete", "join", "leave")
@@ -35,7 +33,7 @@ _KIND_KEYS: dict[str, tuple[str, ...]] = {
     "join": (),
     "leave": (),
 }
-_DRIFT_KEYS = ("type", "mode", "ramp", "until")  # plus the drift type's own parameters
+DRIFT_EVENT_KEYS = ("type", "mode", "ramp", "until")  # plus the drift type's own parameters
 
 
 @dataclass(frozen=True)
@@ -186,8 +184,3 @@ def build_timeline(events: Sequence[Event]) -> tuple[Event, ...]:
 def events_at(timeline: Sequence[Event], server_round: int) -> list[Event]:
     """The events applied at the start of `server_round`."""
     return [e for e in timeline if e.round == server_round]
-
-
-def as_int_array(values: Sequence[int]) -> np.ndarray:
-    """Sample ids as an int64 array (validated by the caller against the dataset)."""
-    return np.asarray(list(values), dtype=np.int64)

@@ -19,6 +19,7 @@ from fedcl.errors import ConfigError
 from fedcl.scenario.datasets import ArrayDataset
 from fedcl.scenario.drift import Drift, make_drift
 from fedcl.scenario.events import (
+    DRIFT_EVENT_KEYS,
     Event,
     build_timeline,
     generate_events,
@@ -411,9 +412,7 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
                 leave_round[list(event.clients)], event.round
             )
         elif event.kind == "drift":
-            params = {
-                k: v for k, v in event.params.items() if k not in ("type", "mode", "ramp", "until")
-            }
+            params = {k: v for k, v in event.params.items() if k not in DRIFT_EVENT_KEYS}
             drift = make_drift(
                 event.params["type"],
                 params,
