@@ -1,8 +1,8 @@
-"""The Python API: `fedcl.run(config, overrides)` from a notebook or script."""
+"""The Python API: `fedcl.run(config, *overrides, **values)` from a notebook or script."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +12,20 @@ from fedcl.engine.loop import RunResult, run_simulation
 
 def run(
     config: str | Path | Mapping[str, Any] | None = None,
-    overrides: Sequence[str] = (),
-    *,
+    *overrides: str,
     out: str | Path | None = None,
     progress: bool | None = None,
+    **values: Any,
 ) -> RunResult:
-    """Run one experiment and return its result (the run folder is written as by the CLI).
+    """Run one experiment; return its result (summary, per-round records, final arrays, folder).
 
-    `config` is a YAML path, a (nested) mapping of config values, or None for the defaults;
-    `overrides` are dotted `key=value` strings applied on top.
+    `config` is a YAML path, a (nested) mapping or an OmegaConf config, or None for the defaults.
+    `overrides` are dotted ``"key=value"`` strings, as on the command line; `values` set dotted
+    keys to Python values, e.g. ``fedcl.run(path, rounds=3)`` or
+    ``fedcl.run(path, **{"strategy.target": "pkg.mod:Cls"})``. Validation and errors are the
+    CLI's: a bad key or value raises a one-line `fedcl.ConfigError` before anything is written.
+    The run folder is `out` (default ``runs/<name>-<time>``), written as by ``fedcl run``.
     """
-    return run_simulation(load_config(config, overrides), out, progress=progress)
+    if len(overrides) == 1 and not isinstance(overrides[0], str):
+        overrides = tuple(overrides[0])  # the older form run(config, ["k=v", ...])
+    return run_simulation(load_config(config, overrides, values), out, progress=progress)

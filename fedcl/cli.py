@@ -1,4 +1,4 @@
-"""`fedcl run <config.yaml> [key=value ...] [--out DIR]`: argument parsing and messages only."""
+"""`fedcl run | strategies | bench`: argument parsing and messages only."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rounds=10")
     run.add_argument("--out", default=None, help="run folder (default: runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    strategies = commands.add_parser(
+        "strategies", help="list the registered strategies and their arguments"
+    )
+    strategies.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (one that registers strategies); repeatable",
+    )
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark fedcl against a plain PyTorch loop and Flower's engine, side by side",
+    )
+    from fedcl.bench.cli import add_arguments  # light: argparse only
+
+    add_arguments(bench)
     return parser
 
 
@@ -26,7 +44,8 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so `fedcl --help` stays fast (ray and torch take seconds to import).
     from fedcl.api import run
 
-    result = run(args.config, args.overrides, out=args.out, progress=False if args.quiet else None)
+    progress = False if args.quiet else None
+    result = run(args.config, *args.overrides, out=args.out, progress=progress)
     summary = result.summary
     keys = ("acc", "bwt", "forgetting", "rounds", "wall_s", "client_updates_per_s")
     print(json.dumps({k: summary.get(k) for k in keys}))
@@ -34,11 +53,40 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strategies(args: argparse.Namespace) -> int:
+    from fedcl.engine.loop import import_modules
+    from fedcl.strategies import describe_strategies
+
+    import_modules(args.imports)
+    for info in describe_strategies():
+        print(f"{info.name}  ({info.target})")
+        if info.description:
+            print(f"    {info.description}")
+        print(f"    arguments: {', '.join(info.arguments) or '-'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fedcl.bench.cli import run_from_args
+
+    return run_from_args(args)
+
+
+COMMANDS = {"run": _run, "strategies": _strategies, "bench": _bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedcl` console script; user errors print one line and exit 2."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`fedcl run cfg --quiet rounds=3`).
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
-        return _run(args)
+        return COMMANDS[args.command](args)
     except FedclError as exc:
         print(f"fedcl: error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,9 @@ class DatasetConfig:
     name: str = "digits"
     root: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # Where generated datasets (mnist1d, gaussian) are cached: None means $FEDCL_CACHE, else
+    # ~/.cache/fedcl; off (or false) turns the cache off.
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -83,11 +86,15 @@ class TrainConfig:
     replay_size: int = 0  # per-client experience-replay buffer (reservoir sampling); 0: off
 
 
+DEFAULT_APP = "fedcl.client.app:app"
+VECTORIZE = ("auto", "on", "off")
+
+
 @dataclass
 class ClientConfig:
     """The Flower ClientApp the actors run, as `module:attribute`."""
 
-    app: str = "fedcl.client.app:app"
+    app: str = DEFAULT_APP
 
 
 @dataclass
@@ -101,6 +108,9 @@ class EngineConfig:
     # None: start (or reuse) a local Ray; "auto" or "ray://host:port" attaches to a cluster.
     ray_address: str | None = None
     torch_threads: int = 1
+    # Train an actor's clients of a round together (torch.func.vmap over stacked parameters):
+    # on | off | auto (on where a quick probe of the model, on this machine, shows a gain).
+    vectorize: str = "auto"
     timeout_s: float = 3600.0  # a round's replies are waited for this long
     start_timeout_s: float = 300.0  # actors must be placed and ready within this
 
@@ -143,6 +153,8 @@ class FedclConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+    # Modules imported before the strategy is built (e.g. ones that `register_strategy`).
+    imports: list[str] = field(default_factory=list)
     # The event timeline (see fedcl/scenario/events.py): explicit events, and generators of
     # events from rates ({kind, rate, clients_per_event, ...}).
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -183,9 +195,10 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
 def load_config(
     source: str | Path | Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> DictConfig:
-    """Load an experiment (YAML path or mapping) over the defaults, apply `key=value` overrides,
-    validate and resolve it.
+    """Load an experiment (YAML path, mapping or config) over the defaults, apply `key=value`
+    overrides and then `values` (dotted key -> Python value), validate and resolve it.
 
     Raises `ConfigError` (one line) for a missing file, an unknown key, a bad value or a malformed
     override; nothing is created on disk.
@@ -208,10 +221,19 @@ def load_config(
     try:
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        if values:
+            layer = OmegaConf.create()
+            for key, value in values.items():
+                OmegaConf.update(layer, key, value, force_add=True)
+            layers.append(layer)
         cfg = OmegaConf.merge(schema, *layers)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
+    # YAML reads a bare on/off as a boolean.
+    cfg.engine.vectorize = {"True": "on", "False": "off"}.get(
+        cfg.engine.vectorize, cfg.engine.vectorize
+    )
     validate(cfg)
     return cfg
 
@@ -259,6 +281,10 @@ def validate(cfg: DictConfig) -> None:
         cfg.engine.num_cpus_per_actor > 0 or cfg.engine.num_gpus_per_actor > 0,
         "an actor needs some resource: set engine.num_cpus_per_actor or "
         "engine.num_gpus_per_actor > 0",
+    )
+    _check(
+        cfg.engine.vectorize in VECTORIZE,
+        f"unknown engine.vectorize '{cfg.engine.vectorize}'; valid: {', '.join(VECTORIZE)}",
     )
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _check(":" in cfg.client.app, f"client.app must be 'module:attribute', got '{cfg.client.app}'")

@@ -11,3 +11,7 @@ class ConfigError(FedclError):
 
 class DatasetError(FedclError):
     """A dataset that is unknown, missing on disk, or malformed; the message names which."""
+
+
+class StrategyError(FedclError):
+    """A strategy (or its hook) raised or returned the wrong type; names strategy, hook, round."""

@@ -2,13 +2,17 @@
 
 A strategy is any `flwr.serverapp.strategy.Strategy`. Name one in a config with `strategy.name`
 (a registered name) or `strategy.target` (an import path, which takes precedence); every other key
-under `strategy` is passed to its constructor. Register your own with `register_strategy`.
+under `strategy` is passed to its constructor. Register your own with `register_strategy`, as a
+decorator; a config's `imports` list names the modules to import first, so a strategy registered
+in a user's module is found by name (and listed by `fedcl strategies --import MODULE`).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
 
 from flwr.serverapp.strategy import Strategy
 
@@ -29,10 +33,74 @@ _REGISTRY: dict[str, str | type[Strategy]] = {
     "fisher": "fedcl.strategies.fisher:FisherMerging",
 }
 
+S = TypeVar("S", bound=type[Strategy])
 
-def register_strategy(name: str, strategy: str | type[Strategy]) -> None:
-    """Make `strategy` (a Strategy class or import path) selectable as `strategy.name=<name>`."""
-    _REGISTRY[name] = strategy
+
+@overload
+def register_strategy(name: str) -> Callable[[S], S]: ...
+@overload
+def register_strategy(name: str, strategy: str | type[Strategy]) -> None: ...
+def register_strategy(
+    name: str, strategy: str | type[Strategy] | None = None
+) -> Callable[[S], S] | None:
+    """Make a strategy selectable as `strategy.name=<name>`.
+
+    As a decorator, ``@register_strategy("mine")`` above a Strategy class; or directly,
+    ``register_strategy("mine", MyStrategy)`` with a class or an import path ("pkg.mod:Cls").
+    """
+    if strategy is not None:
+        _REGISTRY[name] = strategy
+        return None
+
+    def register(cls: S) -> S:
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """What `fedcl strategies` shows of a registered strategy."""
+
+    name: str
+    target: str
+    description: str
+    arguments: tuple[str, ...]
+
+
+def describe_strategies() -> list[StrategyInfo]:
+    """Every registered strategy: name, class path, first docstring line, constructor args."""
+    infos = []
+    for name in available_strategies():
+        cls = strategy_class(name, None)
+        doc = inspect.getdoc(cls) or ""
+        infos.append(
+            StrategyInfo(
+                name,
+                f"{cls.__module__}:{cls.__qualname__}",
+                doc.splitlines()[0] if doc else "",
+                tuple(_constructor_arguments(cls)),
+            )
+        )
+    return infos
+
+
+def _constructor_arguments(cls: type) -> list[str]:
+    """The keyword arguments `cls(...)` accepts, as 'name=default' (or 'name')."""
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    arguments = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind not in plain:
+            continue
+        default = p.default
+        shown = (
+            ""
+            if default is inspect.Parameter.empty
+            else f"={getattr(default, '__name__', default)!s}"
+        )
+        arguments.append(name + shown)
+    return arguments
 
 
 def available_strategies() -> list[str]:
@@ -65,7 +133,13 @@ def build_strategy(spec: dict[str, Any], num_clients: int) -> Strategy:
     """
     kwargs = {k: v for k, v in spec.items() if k not in ("name", "target")}
     cls = strategy_class(spec.get("name"), spec.get("target"))
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
     label = spec.get("target") or spec.get("name")
+    if missing:
+        raise ConfigError(
+            f"strategy '{label}' does not implement {', '.join(missing)} "
+            "(every flwr Strategy method must be defined; subclass FedAvg to inherit them)"
+        )
     parameters = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

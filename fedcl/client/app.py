@@ -4,49 +4,51 @@
 deletions removed, under its current concept, plus its replay buffer if enabled) and replies with
 the new weights and `num-examples`, as Flower's FedAvg family expects (FedProx's `proximal-mu` is
 honoured). It also replies with the ids of the samples it trained on (`AUDIT_KEY`), which the
-engine records and strips before the strategy sees the reply. The node's `Context.state` keeps
+engine records and strips before the strategy sees the reply. The strategy's train extras (from
+its `ClientExtension`) add their records after training. The node's `Context.state` keeps
 per-client state across rounds; it lives on the actor the node is pinned to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from torch import nn
 
 from fedcl.client import replay
+from fedcl.client.messages import client_of, single_record
 from fedcl.client.runtime import current_runtime
-from fedcl.client.training import accuracy, train_local
+from fedcl.client.training import TrainStats, accuracy, train_local
+from fedcl.client.vectorized import ClientBatchData, train_clients_vectorized
+from fedcl.protocol import (
+    ARRAYS,
+    AUDIT_KEY,
+    AUDIT_SAMPLE_IDS,
+    METRICS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    STATE_KEY,
+    TASK,
+)
+from fedcl.scenario.scenario import ClientView
 from fedcl.seeding import derive_seed
 
 app = ClientApp()
-
-STATE_KEY = "fedcl"  # the ConfigRecord in Context.state that holds fedcl's per-client bookkeeping
-AUDIT_KEY = "fedcl.audit"  # ConfigRecord in train replies: "sample-ids", int64 bytes
-
-# A train extra adds records to the train reply when the strategy's config carries its key, e.g. a
-# Fisher-merging strategy sends "fisher-mode" and gets a "fisher" ArrayRecord back. It is called
-# with the locally trained model, the client's training data of the round, the config and context.
-TrainExtra = Callable[
-    [nn.Module, np.ndarray, np.ndarray, ConfigRecord, Context],
-    dict[str, ArrayRecord | MetricRecord | ConfigRecord],
-]
-_train_extras: dict[str, TrainExtra] = {}
-
-
-def register_train_extra(config_key: str, extra: TrainExtra) -> None:
-    """Have `train` call `extra` whenever a train message's config holds `config_key`."""
-    _train_extras[config_key] = extra
-
-
-def single_record(records: dict, kind: str) -> object:
-    """The one record of a kind in a message (strategies choose the key names, not the client)."""
-    if len(records) != 1:
-        raise ValueError(f"expected exactly one {kind} in the message, got {sorted(records)}")
-    return next(iter(records.values()))
 
 
 def bump_train_count(context: Context) -> int:
@@ -58,74 +60,173 @@ def bump_train_count(context: Context) -> int:
     return int(record["train-count"])
 
 
+def error_reply(msg: Message, exc: Exception) -> Message:
+    """A Flower error reply for a client whose handler raised `exc`."""
+    reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+    code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
 def received(msg: Message, context: Context) -> tuple[nn.Module, ConfigRecord, int, int]:
-    """The global model a message carries (loaded into a fresh network), its config record, this
-    client's id and the server round."""
+    """The global model a message carries (loaded into the actor's network), its config record,
+    this client's id and the server round."""
     arrays = single_record(msg.content.array_records, "ArrayRecord")
     config = single_record(msg.content.config_records, "ConfigRecord")
-    model = current_runtime().new_model()
-    model.load_state_dict(arrays.to_torch_state_dict())
-    client = int(context.node_config["partition-id"])
-    return model, config, client, int(config["server-round"])
+    model = current_runtime().load_model(arrays)
+    return model, config, client_of(context), int(config[SERVER_ROUND])
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one client trains on in one round, as `train` and `train_vectorized` both prepare it."""
+
+    config: ConfigRecord
+    client: int
+    server_round: int
+    task: int
+    view: ClientView
+    class_mask: np.ndarray | None
+    seed: int
+    proximal_mu: float
+
+
+def prepare(msg: Message, context: Context) -> TrainJob:
+    """The client's data of the round (current task, deletions removed, its concept, plus its
+    replay buffer purged of deleted samples) and the seeds and settings of its training."""
+    runtime = current_runtime()
+    config = single_record(msg.content.config_records, "ConfigRecord")
+    client, server_round = client_of(context), int(config[SERVER_ROUND])
+    scenario = runtime.scenario
+    task = scenario.task_of(client, server_round)
+    extra_ids, extra_tasks = None, None
+    if runtime.config["train"]["replay_size"] > 0:
+        extra_ids, extra_tasks = replay.replay_samples(context)
+        purged = replay.purge(context, scenario.deleted(extra_ids, server_round))
+        if purged:
+            extra_ids, extra_tasks = replay.replay_samples(context)
+    view = runtime.client_view(client, server_round, extra_ids, extra_tasks)
+    return TrainJob(
+        config=config,
+        client=client,
+        server_round=server_round,
+        task=task,
+        view=view,
+        class_mask=scenario.class_mask(view.tasks, runtime.num_classes),
+        seed=derive_seed(runtime.seed, "train", client, server_round, task),
+        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+    )
+
+
+def reply(
+    msg: Message,
+    context: Context,
+    job: TrainJob,
+    model: nn.Module,
+    stats: TrainStats,
+    *,
+    vectorized: bool = False,
+) -> Message:
+    """The train reply: the trained weights, metrics (``train-vectorized``: 1 when trained with
+    other clients in one batch), audit ids and the strategy's train extras; also offers the
+    round's samples to the client's replay buffer."""
+    runtime = current_runtime()
+    train_cfg = runtime.config["train"]
+    view = job.view
+    if train_cfg["replay_size"] > 0:
+        current = view.ids[view.tasks == job.task]
+        rng = np.random.default_rng(derive_seed(runtime.seed, "replay", job.client, job.task))
+        replay.offer(context, current, job.task, train_cfg["replay_size"], rng)
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: len(view.y),
+            "train-loss": stats.loss,
+            "train-steps": stats.steps,
+            "train-count": bump_train_count(context),
+            TASK: job.task,
+            "train-vectorized": int(vectorized),
+        }
+    )
+    used = view.ids[stats.rows_used].astype("<i8")
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(model.state_dict()),
+            METRICS: metrics,
+            AUDIT_KEY: ConfigRecord({AUDIT_SAMPLE_IDS: used.tobytes()}),
+        }
+    )
+    for key, extra in runtime.train_extras.items():
+        if key in job.config:
+            for name, record in extra(model, view.x, view.y, job.config, context).items():
+                content[name] = record
+    return Message(content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's current task; reply with the new weights."""
     runtime = current_runtime()
-    model, config, client, server_round = received(msg, context)
-    scenario = runtime.scenario
-    task = scenario.task_of(client, server_round)
-    train_cfg = runtime.config["train"]
-    extra_ids, extra_tasks = None, None
-    if train_cfg["replay_size"] > 0:
-        extra_ids, extra_tasks = replay.replay_samples(context)
-        purged = replay.purge(context, scenario.deleted(extra_ids, server_round))
-        if purged:
-            extra_ids, extra_tasks = replay.replay_samples(context)
-    view = runtime.client_view(client, server_round, extra_ids, extra_tasks)
-    x, y = view.x, view.y
+    job = prepare(msg, context)
+    model = runtime.load_model(single_record(msg.content.array_records, "ArrayRecord"))
+    settings = runtime.config["train"]
     stats = train_local(
         model,
-        x,
-        y,
-        epochs=train_cfg["epochs"],
-        batch_size=train_cfg["batch_size"],
-        lr=train_cfg["lr"],
-        momentum=train_cfg["momentum"],
-        weight_decay=train_cfg["weight_decay"],
-        max_steps=train_cfg["max_steps"],
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        class_mask=scenario.class_mask(view.tasks, runtime.num_classes),
-        seed=derive_seed(runtime.seed, "train", client, server_round, task),
+        job.view.x,
+        job.view.y,
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"],
+        max_steps=settings["max_steps"],
+        proximal_mu=job.proximal_mu,
+        class_mask=job.class_mask,
+        seed=job.seed,
         device=runtime.device,
+        optimizer=runtime.optimizer(settings["lr"], settings["momentum"], settings["weight_decay"]),
     )
-    if train_cfg["replay_size"] > 0:
-        current = view.ids[view.tasks == task]
-        rng = np.random.default_rng(derive_seed(runtime.seed, "replay", client, task))
-        replay.offer(context, current, task, train_cfg["replay_size"], rng)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(y),
-            "train-loss": stats.loss,
-            "train-steps": stats.steps,
-            "train-count": bump_train_count(context),
-            "task": task,
-        }
-    )
-    used = view.ids[stats.rows_used].astype("<i8")
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": metrics,
-            AUDIT_KEY: ConfigRecord({"sample-ids": used.tobytes()}),
-        }
-    )
-    for key, extra in _train_extras.items():
-        if key in config:
-            for name, record in extra(model, x, y, config, context).items():
-                content[name] = record
-    return Message(content, reply_to=msg)
+    return reply(msg, context, job, model, stats)
+
+
+def train_vectorized(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+    """`train` for all of one actor's train messages of a round at once (``engine.vectorize``):
+    the clients that received the same model and FedProx μ train together with `torch.func`
+    (`train_clients_vectorized`); each reply equals `train`'s to float32 rounding. A client whose
+    preparation fails gets an error reply of its own, as in `train`."""
+    runtime = current_runtime()
+    settings = runtime.config["train"]
+    replies: dict[int, Message] = {}
+    groups: dict[tuple, list[tuple[int, TrainJob]]] = {}
+    for i, (msg, context) in enumerate(zip(messages, contexts, strict=True)):
+        try:
+            job = prepare(msg, context)
+        except Exception as exc:  # as the actor does for `train`: this client's failure only
+            replies[i] = error_reply(msg, exc)
+            continue
+        arrays = single_record(msg.content.array_records, "ArrayRecord")
+        key = (tuple(id(a) for a in arrays.values()), job.proximal_mu)
+        groups.setdefault(key, []).append((i, job))
+    for members in groups.values():
+        first = messages[members[0][0]]
+        model = runtime.load_model(single_record(first.content.array_records, "ArrayRecord"))
+        data = [
+            ClientBatchData(job.view.x, job.view.y, job.seed, job.class_mask) for _, job in members
+        ]
+        results = train_clients_vectorized(
+            model,
+            data,
+            epochs=settings["epochs"],
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            momentum=settings["momentum"],
+            weight_decay=settings["weight_decay"],
+            max_steps=settings["max_steps"],
+            proximal_mu=members[0][1].proximal_mu,
+            device=runtime.device,
+        )
+        for (i, job), result in zip(members, results, strict=True):
+            model.load_state_dict(result.state)
+            replies[i] = reply(messages[i], contexts[i], job, model, result.stats, vectorized=True)
+    return [replies[i] for i in range(len(messages))]
 
 
 @app.evaluate()
@@ -136,10 +237,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     view = runtime.client_view(client, server_round)
     mask = runtime.scenario.class_mask(view.tasks, runtime.num_classes)
     score = accuracy(model, view.x, view.y, class_mask=mask)
-    metrics = MetricRecord({"num-examples": len(view.y), "accuracy": score})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-# Registers the continual-learning handlers (queries, train extras) on `app`; imported last because
-# that module builds on the names defined above.
-import fedcl.client.continual  # noqa: E402, F401
+    metrics = MetricRecord({NUM_EXAMPLES: len(view.y), "accuracy": score})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)

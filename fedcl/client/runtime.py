@@ -8,15 +8,20 @@ the actor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcl.models import model_from_config
 from fedcl.scenario.scenario import ClientView, Scenario
+
+if TYPE_CHECKING:
+    from fedcl.strategies.base import TrainExtra
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,11 @@ class ClientRuntime:
     y_train: np.ndarray
     input_shape: tuple[int, ...]
     num_classes: int
+    # The strategy's train extras (config key -> extra), installed from its ClientExtension.
+    train_extras: Mapping[str, TrainExtra] = field(default_factory=dict)
+    # One module and optimizer per actor, reloaded per message: building them per message costs
+    # more than the few SGD steps a client takes. Also the last message's decoded arrays.
+    _models: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def seed(self) -> int:
@@ -44,6 +54,52 @@ class ClientRuntime:
     def new_model(self) -> nn.Module:
         """A fresh model of the run's architecture (load the server's arrays into it)."""
         return model_from_config(self.config, self.input_shape, self.num_classes)
+
+    def load_model(self, arrays: ArrayRecord) -> nn.Module:
+        """The actor's model of the run's architecture, holding `arrays` (the weights a message
+        carries). The module is reused by the next message: do not keep it across messages."""
+        if "model" not in self._models:
+            self._models["model"] = self.new_model()
+        model = self._models["model"]
+        model.load_state_dict(self._decoded(arrays))
+        return model
+
+    def optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+        """An SGD optimizer over the actor's model (`load_model`), with fresh state: as a new one
+        would be, without the cost of building it for every client."""
+        key = f"sgd/{lr!r}/{momentum!r}/{weight_decay!r}"
+        if key not in self._models:
+            if "model" not in self._models:
+                self._models["model"] = self.new_model()
+            self._models[key] = torch.optim.SGD(
+                self._models["model"].parameters(),
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+            )
+        optimizer = self._models[key]
+        optimizer.state.clear()
+        return optimizer
+
+    def _decoded(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """`arrays` as tensors. The clients of one actor call share the same `Array` objects
+        (see `own_copy`), so they are decoded once, not once per client."""
+        identity = tuple((name, id(array)) for name, array in arrays.items())
+        cached = self._models.get("decoded")
+        if cached is not None and cached[0] == identity:
+            return cached[2]
+        tensors = {name: torch.from_numpy(array.numpy()) for name, array in arrays.items()}
+        # The Array objects are kept with their ids so no id can be reused while cached.
+        self._models["decoded"] = (identity, list(arrays.values()), tensors)
+        return tensors
+
+    def task_data(self, client: int, server_round: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client `client`'s inputs and labels of `task` alone as it holds them in `server_round`
+        (deletions removed, domain transform and drifts applied); empty for task -1."""
+        if task < 0:
+            return self.x_train[:0], self.y_train[:0]
+        view = self.task_view(client, server_round, task)
+        return view.x, view.y
 
     def task_view(self, client: int, server_round: int, task: int) -> ClientView:
         """Client `client`'s data of `task` alone (no replay, no blurry mix-in) as it holds it in

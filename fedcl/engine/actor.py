@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import traceback
 from typing import Any
@@ -12,15 +11,24 @@ import ray
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message.message import make_message
+from flwr.common import MessageType
 
+from fedcl.client.app import train_vectorized
 from fedcl.client.runtime import ClientRuntime, set_runtime
-from fedcl.engine.flower_compat import assign_message_id, error_reply, partition_of
+from fedcl.config import DEFAULT_APP
+from fedcl.engine.flower_compat import assign_message_id, error_reply, own_copy, partition_of
 from fedcl.imports import load_object
 from fedcl.scenario.scenario import Scenario
+from fedcl.strategies.base import ClientExtension
+
+logger = logging.getLogger(__name__)
 
 
 class ClientActor:
     """Holds the ClientApp, the shared data views and the `Context` of each node it serves.
+
+    At start-up it installs the strategy's client half (`ClientExtension`): its query handlers
+    answered beside the ClientApp, its train extras in the runtime the default ClientApp reads.
 
     A node (virtual client) is always served by the same actor, so whatever its ClientApp keeps in
     `Context.state` — counters, replay buffers, Fisher diagonals — stays here between rounds.
@@ -35,14 +43,29 @@ class ClientActor:
         input_shape: tuple[int, ...],
         num_classes: int,
         run_id: int,
+        extension: ClientExtension | None = None,
     ) -> None:
         torch.set_num_threads(config["engine"]["torch_threads"])
         if not config["log"]["verbose"]:
             logging.getLogger("flwr").setLevel(logging.WARNING)
+        extension = extension or ClientExtension()
         set_runtime(
-            ClientRuntime(config, scenario, x_train, y_train, tuple(input_shape), num_classes)
+            ClientRuntime(
+                config,
+                scenario,
+                x_train,
+                y_train,
+                tuple(input_shape),
+                num_classes,
+                train_extras=dict(extension.train_extras),
+            )
         )
-        self.app = load_object(config["client"]["app"], what="client.app")
+        self.app = extension.wrap(load_object(config["client"]["app"], what="client.app"))
+        # engine.vectorize, resolved on the driver to "on" or "off" (the same for every actor).
+        self.vectorized = (
+            config["engine"]["vectorize"] == "on" and config["client"]["app"] == DEFAULT_APP
+        )
+        self.warned = False
         self.run_id = run_id
         self.num_partitions = scenario.num_clients
         self.run_config = _flat_scalars(config)
@@ -73,21 +96,47 @@ class ClientActor:
         """Run the ClientApp on each (metadata, content key) in order; return one reply per message.
 
         `contents` holds each distinct message content once (strategies send one shared RecordDict
-        to all sampled nodes); each message gets its own copy, so no handler leaks into the next.
+        to all sampled nodes); each message gets its own copy (`own_copy`: the array bytes are
+        shared, never changed), so no handler leaks into the next.
         """
         keys = list(contents)
         shared = dict(zip(keys, ray.get([contents[k] for k in keys]), strict=True))
-        replies = []
-        for metadata, key in batch:
-            message = make_message(metadata, copy.deepcopy(shared[key]))
-            try:
-                reply = self.app(message, self.context(metadata.dst_node_id))
-                assign_message_id(reply)
-            except Exception as exc:  # a client's failure becomes a Flower Error reply, not a crash
-                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-                reply = error_reply(message, reason)
-            replies.append(reply)
-        return replies
+        messages = [make_message(metadata, own_copy(shared[key])) for metadata, key in batch]
+        replies: dict[int, Message] = {}
+        trains = [i for i, m in enumerate(messages) if m.metadata.message_type == MessageType.TRAIN]
+        # Even a lone client trains through the vectorized path: a client's arithmetic must not
+        # depend on how many others share its actor (same metrics with any number of actors).
+        if self.vectorized and trains:
+            replies.update(self._train_together([messages[i] for i in trains], trains))
+        for i, message in enumerate(messages):
+            if i not in replies:
+                replies[i] = self._run_app(message)
+        return [replies[i] for i in range(len(messages))]
+
+    def _run_app(self, message: Message) -> Message:
+        """The ClientApp's reply to `message`; a client's failure becomes an Error reply."""
+        try:
+            reply = self.app(message, self.context(message.metadata.dst_node_id))
+            assign_message_id(reply)
+        except Exception as exc:  # a client's failure becomes a Flower Error reply, not a crash
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+            reply = error_reply(message, reason)
+        return reply
+
+    def _train_together(self, messages: list[Message], positions: list[int]) -> dict[int, Message]:
+        """The default ClientApp's train replies for `messages`, trained as one vectorized batch;
+        if that fails as a whole, each is trained alone (said once per actor)."""
+        contexts = [self.context(m.metadata.dst_node_id) for m in messages]
+        try:
+            replies = train_vectorized(messages, contexts)
+        except Exception as exc:  # e.g. a model vmap cannot run: the sequential path still works
+            if not self.warned:
+                logger.warning("vectorized training failed (%s); training clients one by one", exc)
+                self.warned = True
+            return {}
+        for reply in replies:
+            assign_message_id(reply)
+        return dict(zip(positions, replies, strict=True))
 
     def export_states(self) -> dict[int, RecordDict]:
         """Every node's `Context.state` (for checkpoints)."""

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
-from fedcl.client.app import AUDIT_KEY
 from fedcl.engine.flower_compat import partition_of
+from fedcl.protocol import AUDIT_KEY, AUDIT_SAMPLE_IDS
 from fedcl.scenario.scenario import NEVER, Scenario
 
 
@@ -21,7 +21,7 @@ def pop_trained_ids(replies: list[Message]) -> dict[int, np.ndarray]:
             continue
         record = reply.content.config_records[AUDIT_KEY]
         trained[partition_of(reply.metadata.src_node_id)] = np.frombuffer(
-            record["sample-ids"], dtype="<i8"
+            record[AUDIT_SAMPLE_IDS], dtype="<i8"
         ).copy()
         del reply.content[AUDIT_KEY]
     return trained

@@ -1,4 +1,6 @@
-"""Applying the timeline at the start of each round: log every event, tell the strategy's hooks."""
+"""What the timeline tells a strategy: the events of a round before training (logged, with their
+hooks) and the task ends after aggregation. Every continual hook is called from here, with one
+notion of a global boundary: a task event that every client starts in the same round."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedcl.engine.flower_compat import node_id_of
+from fedcl.engine.strategy_calls import arrays_hook, notify
 from fedcl.scenario.events import Event, events_at
 from fedcl.scenario.scenario import Scenario
 from fedcl.strategies.base import ContinualStrategy, DeletionRequest, DriftEvent
@@ -41,13 +44,14 @@ def apply_events(
         if event.kind == "task":
             task = int(event.params["task"])
             for node in nodes:
-                hooks.on_client_task_start(server_round, node, task)
+                notify(hooks, "on_client_task_start", server_round, server_round, node, task)
             if server_round in scenario.global_task_starts:
-                arrays = hooks.on_task_start(server_round, task, arrays, grid) or arrays
+                args = (server_round, task, arrays, grid)
+                arrays = arrays_hook(hooks, "on_task_start", server_round, arrays, *args)
         elif event.kind == "drift":
             params = {k: v for k, v in event.params.items() if k != "type"}
             notice = DriftEvent(server_round, event.params["type"], nodes, params)
-            arrays = hooks.on_drift(notice, arrays, grid) or arrays
+            arrays = arrays_hook(hooks, "on_drift", server_round, arrays, notice, arrays, grid)
         elif event.kind == "delete":
             deleted = scenario.deleted_by_event.get(event.index, {})
             request = DeletionRequest(
@@ -57,19 +61,28 @@ def apply_events(
                 {node_id_of(c): ids for c, ids in deleted.items()},
                 (int(event.params["class"]),) if event.params["what"] == "class" else (),
             )
-            arrays = hooks.on_delete(request, arrays, grid) or arrays
+            arrays = arrays_hook(hooks, "on_delete", server_round, arrays, request, arrays, grid)
     return arrays, entries
 
 
+def end_task_hooks(
+    scenario: Scenario, server_round: int, strategy: Any, arrays: ArrayRecord, grid: Grid
+) -> ArrayRecord:
+    """After aggregation in `server_round`: `on_client_task_end` for every client whose task ends
+    here (client order), then `on_task_end` if a global task ends; return the global arrays."""
+    if not isinstance(strategy, ContinualStrategy):
+        return arrays
+    for client, ended in client_task_ends(scenario, server_round):
+        notify(
+            strategy, "on_client_task_end", server_round, server_round, node_id_of(client), ended
+        )
+    if scenario.global_task_starts and server_round in scenario.task_end_rounds():
+        task = scenario.global_task(server_round)
+        args = (server_round, task, arrays, grid)
+        arrays = arrays_hook(strategy, "on_task_end", server_round, arrays, *args)
+    return arrays
+
+
 def client_task_ends(scenario: Scenario, server_round: int) -> list[tuple[int, int]]:
-    """(client, task) pairs whose task ends with `server_round`: the client trains a different
-    task (or none, having left) in the next round, or the run ends."""
-    ends = []
-    for client in range(scenario.num_clients):
-        task = scenario.task_of(client, server_round)
-        if task < 0 or server_round >= scenario.leave_round[client]:
-            continue
-        last = server_round == scenario.rounds or server_round + 1 >= scenario.leave_round[client]
-        if last or scenario.previous_task(client, server_round + 1)[1] == server_round + 1:
-            ends.append((client, task))
-    return ends
+    """(client, task) pairs whose task ends with `server_round` (`Scenario.client_task_ends`)."""
+    return scenario.client_task_ends(server_round)

@@ -3,13 +3,15 @@
 - `Message(...)` reads the process's `TaskIdentity`, which must be set before any message is built.
 - Message ids are assigned by whoever transports messages (the SuperLink, or here our Grid).
 - A `Run` record backs `Grid.run`.
+- Copying a message's content cheaply reaches into Flower's record dicts (`_data`).
 """
 
 from __future__ import annotations
 
+import copy
 from uuid import uuid4
 
-from flwr.app import Error, Message
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -19,7 +21,7 @@ FIRST_NODE_ID = 1000
 
 
 def node_id_of(partition_id: int) -> int:
-    """The deterministic Flower node id of virtual client `partition_id`."""
+    """The deterministic Flower node id of virtual client `partition_id` (or an array of ids)."""
     return FIRST_NODE_ID + partition_id
 
 
@@ -53,3 +55,18 @@ def error_reply(message: Message, reason: str, *, crashed: bool = False) -> Mess
     reply = Message(Error(code=code, reason=reason), reply_to=message)
     assign_message_id(reply)
     return reply
+
+
+def own_copy(content: RecordDict) -> RecordDict:
+    """A copy of `content` a handler may change freely without touching the original, made
+    without copying array bytes: each ArrayRecord gets its own mapping of the same (immutable)
+    `Array` objects; config and metric records are deep-copied (they are small)."""
+    copied = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            shallow = copy.copy(record)
+            shallow.__dict__["_data"] = dict(record.__dict__["_data"])
+            copied[name] = shallow
+        else:
+            copied[name] = copy.deepcopy(record)
+    return copied

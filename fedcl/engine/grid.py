@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import ray
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -26,14 +27,15 @@ class RayGrid(Grid):
         if not actors:
             raise ValueError("RayGrid needs at least one actor")
         self.actors = list(actors)
-        self.node_ids = sorted(node_ids)
+        self.node_ids = sorted(int(n) for n in node_ids)
+        self._known_array = np.asarray(self.node_ids, dtype=np.int64)
         self._run = run
         self._requests: dict[str, Message] = {}  # message id -> message, until its reply is pulled
         self._in_flight: dict[ray.ObjectRef, list[str]] = {}  # actor call -> message ids it carries
         self._replies: dict[str, Message] = {}  # request message id -> reply
         self._abandoned: set[str] = set()  # timed out: their late replies are dropped
         self._known = set(self.node_ids)
-        self._available = list(self.node_ids)
+        self._available: list[int] | np.ndarray = self.node_ids
 
     # --- Flower's Grid interface -------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -55,14 +57,19 @@ class RayGrid(Grid):
 
     def get_node_ids(self) -> list[int]:
         """The nodes online now (all registered nodes unless `set_available` narrowed them)."""
-        return list(self._available)
+        available = self._available
+        return available.tolist() if isinstance(available, np.ndarray) else list(available)
 
-    def set_available(self, node_ids: Sequence[int]) -> None:
-        """Let only `node_ids` be online (sampled by strategies) until the next call."""
-        unknown = set(node_ids) - self._known
-        if unknown:
-            raise ValueError(f"unknown node ids {sorted(unknown)[:3]}")
-        self._available = sorted(node_ids)
+    def set_available(self, node_ids: Sequence[int] | np.ndarray) -> None:
+        """Let only `node_ids` be online (sampled by strategies) until the next call. Checked
+        with array operations: a million nodes may be online."""
+        ids = np.unique(np.asarray(node_ids, dtype=np.int64))
+        known = self._known_array
+        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        unknown = ids[known[at] != ids]
+        if len(unknown):
+            raise ValueError(f"unknown node ids {unknown[:3].tolist()}")
+        self._available = ids
 
     def actor_of(self, node_id: int) -> int:
         """Index of the actor that serves node `node_id` (always the same one)."""

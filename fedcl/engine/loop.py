@@ -1,49 +1,59 @@
-"""The round loop: Flower strategy on a RayGrid, continual evaluation, recording, checkpoints.
+"""The round loop: Flower strategy on a RayGrid, continual evaluation, observers.
 
 for each round r:
+    apply the timeline's events of r (hooks)          -> observers (events.jsonl)
     strategy.configure_train(r, arrays, config, grid) -> messages
-    grid.send_and_receive(messages)                   -> replies (screened: NaN, shapes)
-    strategy.aggregate_train(r, replies)              -> new global arrays
-    evaluate on every task seen so far (+ the next)   -> metrics.jsonl
-    checkpoint every k rounds
+    grid.send_and_receive(messages)                   -> replies (audited; screened: NaN, shapes)
+    strategy.aggregate_train(r, replies)              -> new global arrays; task-end hooks
+    evaluate on every task seen so far (+ the next)   -> observers (metrics.jsonl, bar, checkpoints)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import pickle
+import math
 import random
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from fedcl.config import to_container, to_yaml
+from fedcl.engine import strategy_calls
 from fedcl.engine.actor import RemoteClientActor
 from fedcl.engine.audit import DeletionAudit, pop_trained_ids
-from fedcl.engine.events import apply_events, client_task_ends
+from fedcl.engine.events import apply_events, end_task_hooks
 from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid
+from fedcl.engine.observers import (
+    CheckpointObserver,
+    ProgressObserver,
+    RecorderObserver,
+    RoundObserver,
+)
 from fedcl.engine.pool import init_ray, pool_size
 from fedcl.engine.replies import screen_replies
-from fedcl.errors import FedclError
+from fedcl.engine.vectorize import resolve_vectorize
+from fedcl.errors import ConfigError, FedclError, StrategyError
 from fedcl.imports import load_object
 from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
 from fedcl.metrics.recorder import RunRecorder, ensure_no_run_in
 from fedcl.models import model_from_config
-from fedcl.scenario.datasets import ArrayDataset, load_dataset
+from fedcl.scenario.datasets import ArrayDataset, cache_folder, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_rng, derive_seed
 from fedcl.strategies import build_strategy
-from fedcl.strategies.base import ContinualStrategy
+from fedcl.strategies.base import ClientExtension, ContinualStrategy, ScenarioInfo
 
 
 @dataclass
@@ -76,7 +86,11 @@ def run_simulation(
         logging.getLogger("flwr").setLevel(logging.WARNING)
     container = to_container(cfg)
     dataset = load_dataset(
-        cfg.dataset.name, seed=cfg.seed, root=cfg.dataset.root, **container["dataset"]["options"]
+        cfg.dataset.name,
+        seed=cfg.seed,
+        root=cfg.dataset.root,
+        cache_dir=cfg.dataset.cache_dir,
+        **container["dataset"]["options"],
     )
     scenario = build_scenario(cfg, dataset)
 
@@ -84,7 +98,9 @@ def run_simulation(
         return model_from_config(container, dataset.input_shape, dataset.num_classes)
 
     arrays = ArrayRecord(new_model().state_dict())
+    import_modules(cfg.imports)
     strategy = build_strategy(container["strategy"], cfg.clients.num)
+    extension = client_extension(strategy)
     load_object(cfg.client.app, what="client.app")
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     ensure_no_run_in(out_dir)
@@ -93,19 +109,49 @@ def run_simulation(
         cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
     )
 
+    vectorize, vectorize_why = resolve_vectorize(
+        cfg.engine.vectorize,
+        model=new_model(),
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        batch_size=cfg.train.batch_size,
+        clients_per_round=_clients_per_round(cfg, strategy),
+        client_app=cfg.client.app,
+        device="cuda" if cfg.engine.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu",
+        cache=cache_folder(cfg.dataset.cache_dir),
+    )
+    container["engine"]["vectorize"] = vectorize
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
-    actors = start_client_actors(container, dataset, scenario, run_id, num_actors)
+    actors = start_client_actors(container, dataset, scenario, run_id, num_actors, extension)
     recorder = None
     try:
         recorder = RunRecorder(out_dir, to_yaml(cfg))
         grid = RayGrid(actors, [node_id_of(c) for c in range(cfg.clients.num)], make_run(run_id))
         evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
-        result = _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress)
+        observers: list[RoundObserver] = [
+            RecorderObserver(recorder),
+            ProgressObserver(cfg.rounds, cfg.log.progress if progress is None else progress),
+        ]
+        if cfg.checkpoint.every:
+            observers.append(CheckpointObserver(recorder, grid, cfg.checkpoint.every))
+        if isinstance(strategy, ContinualStrategy):
+            info = scenario_info(cfg, scenario, dataset.num_classes)
+            strategy_calls.notify(strategy, "on_run_start", 0, info)
+        try:
+            result = _round_loop(
+                cfg, strategy, grid, arrays, scenario, evaluator, observers, recorder.out_dir
+            )
+        except StrategyError as exc:
+            recorder.write_summary({"status": "failed", "error": str(exc)})
+            raise
         result.summary.update(
+            status="completed",
             wall_s=time.perf_counter() - started,
             num_actors=num_actors,
             num_clients=cfg.clients.num,
+            vectorized=vectorize == "on",
+            vectorize_reason=vectorize_why,
             strategy=cfg.strategy.get("target") or cfg.strategy.get("name"),
         )
         recorder.write_summary(result.summary)
@@ -129,17 +175,19 @@ def start_client_actors(
     scenario: Scenario,
     run_id: int,
     num_actors: int,
+    extension: ClientExtension | None = None,
 ) -> list[ray.actor.ActorHandle]:
     """Start `num_actors` client actors sharing one object-store copy of the data; wait until ready.
 
-    `config` is the resolved config as plain containers (`fedcl.config.to_container`).
+    `config` is the resolved config as plain containers (`fedcl.config.to_container`); each actor
+    installs `extension`, the strategy's client half.
     """
     data_refs = (ray.put(scenario), ray.put(dataset.x_train), ray.put(dataset.y_train))
     engine = config["engine"]
     options = {"num_cpus": engine["num_cpus_per_actor"], "num_gpus": engine["num_gpus_per_actor"]}
     actors = [
         RemoteClientActor.options(**options).remote(
-            config, *data_refs, dataset.input_shape, dataset.num_classes, run_id
+            config, *data_refs, dataset.input_shape, dataset.num_classes, run_id, extension
         )
         for _ in range(num_actors)
     ]
@@ -160,19 +208,62 @@ def start_client_actors(
     return actors
 
 
+def _clients_per_round(cfg: DictConfig, strategy: Any) -> int:
+    """About how many clients train per round (what auto's probe is sized for)."""
+    online = cfg.clients.num * cfg.clients.participation
+    fraction = getattr(strategy, "fraction_train", 1.0)
+    return max(1, math.ceil(online * (fraction if isinstance(fraction, float | int) else 1.0)))
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the config's `imports` (user modules that register strategies), one-line errors."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"imports: cannot import module '{name}' ({exc})") from None
+
+
+def client_extension(strategy: Any) -> ClientExtension | None:
+    """The strategy's client half, checked to be a `ClientExtension` (or None)."""
+    if not isinstance(strategy, ContinualStrategy):
+        return None
+    extension = strategy_calls.call_strategy(strategy, "client_extension", 0)
+    if extension is not None and not isinstance(extension, ClientExtension):
+        raise StrategyError(
+            f"strategy {type(strategy).__name__}.client_extension returned "
+            f"{type(extension).__name__}, expected ClientExtension or None"
+        )
+    return extension
+
+
+def scenario_info(cfg: DictConfig, scenario: Scenario, num_classes: int) -> ScenarioInfo:
+    """What the strategy is told of the scenario before round 1."""
+    return ScenarioInfo(
+        num_clients=scenario.num_clients,
+        num_tasks=scenario.num_tasks,
+        num_classes=num_classes,
+        rounds=cfg.rounds,
+        kind=scenario.kind,
+        task_classes=tuple(tuple(int(c) for c in t) for t in scenario.task_classes),
+        seed=cfg.seed,
+    )
+
+
 def _kill(actors: list[ray.actor.ActorHandle]) -> None:
     for actor in actors:
         ray.kill(actor)
 
 
-def _online_clients(cfg: DictConfig, available: list[int], server_round: int) -> list[int]:
-    """The round's `available` clients, thinned to `clients.participation` (seeded)."""
+def _online_clients(cfg: DictConfig, available: np.ndarray, server_round: int) -> np.ndarray:
+    """The round's `available` clients (ascending), thinned to `clients.participation` (seeded).
+    Array operations only: a million clients may be available."""
     share = cfg.clients.participation
-    if share >= 1 or not available:
+    if share >= 1 or not len(available):
         return available
     count = max(1, round(share * len(available)))
     rng = derive_rng(cfg.seed, "participation", server_round)
-    return sorted(int(c) for c in rng.choice(available, count, replace=False))
+    return np.sort(rng.choice(available, count, replace=False))
 
 
 def _nodes_needed(strategy: Any) -> int:
@@ -203,12 +294,12 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit) -> Tra
     # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
     # (seed, round) makes their sampling reproducible and independent of earlier rounds.
     random.seed(derive_seed(cfg.seed, "sample", server_round))
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    messages = strategy_calls.configure_train(strategy, server_round, arrays, ConfigRecord(), grid)
     replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
     audit.record(server_round, pop_trained_ids(replies))
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
     replies, problems = screen_replies(replies, arrays, model_key)
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    new_arrays, metrics = strategy_calls.aggregate_train(strategy, server_round, replies)
     return TrainStep(
         arrays=new_arrays if new_arrays is not None else arrays,
         sampled=len(messages),
@@ -218,67 +309,47 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit) -> Tra
     )
 
 
-def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, progress) -> RunResult:
-    continual = isinstance(strategy, ContinualStrategy)
-    task_ends = set(scenario.task_end_rounds())
+def _round_loop(
+    cfg, strategy, grid, arrays, scenario, evaluator, observers, out_dir: Path
+) -> RunResult:
+    """The rounds, top to bottom; observers see every round's events and record."""
     init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
-    audit = DeletionAudit(scenario, recorder.out_dir if cfg.log.trained_samples else None)
+    audit = DeletionAudit(scenario, out_dir if cfg.log.trained_samples else None)
     records: list[dict[str, Any]] = []
     updates = 0
     loop_started = time.perf_counter()
-    show = cfg.log.progress if progress is None else progress
-    bar = tqdm(total=cfg.rounds, desc="fedcl", unit="round", disable=not show, file=sys.stderr)
-    for server_round in range(1, cfg.rounds + 1):
-        round_started = time.perf_counter()
-        task = scenario.global_task(server_round)
-        arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
-        for entry in applied:
-            recorder.record_event(entry)
-        available = scenario.available(server_round)
-        online = _online_clients(cfg, available, server_round)
-        grid.set_available([node_id_of(c) for c in online])
-        step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit)
-        arrays = step.arrays
-        updates += step.succeeded
-        for node_id, reason in step.problems:
-            bar.write(f"round {server_round}: client {node_id} failed: {reason}")
-        if continual:
-            for client, ended in client_task_ends(scenario, server_round):
-                strategy.on_client_task_end(server_round, node_id_of(client), ended)
-            if server_round in task_ends and scenario.global_task_starts:
-                arrays = strategy.on_task_end(server_round, task, arrays, grid) or arrays
-
-        seen = scenario.seen_tasks(server_round)
-        has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
-        next_task = task + 1 if has_next and task + 1 not in seen else None
-        # Concepts are weighted over every available client, not only this round's online ones.
-        scores = evaluator.evaluate_round(arrays, server_round, available, next_task)
-        record = {
-            "round": server_round,
-            "task": task,
-            "acc": scores.acc,
-            "acc_next": scores.acc_next,
-            "avg_acc": mean(scores.acc.values()),
-            "online": len(online),
-            "sampled": step.sampled,
-            "replies": step.succeeded,
-            "failures": [{"node": n, "reason": r} for n, r in step.problems],
-            "train": step.metrics,
-            "round_s": time.perf_counter() - round_started,
-        }
-        if step.skipped:
-            record["skipped"] = step.skipped
-        if scores.acc_by_concept:
-            record["acc_by_concept"] = scores.acc_by_concept
-            record["client_acc"] = scores.client_acc
-        recorder.record_round(record)
-        records.append(record)
-        if cfg.checkpoint.every and server_round % cfg.checkpoint.every == 0:
-            _checkpoint(recorder, server_round, arrays, strategy, grid)
-        current = scores.acc.get(str(task), float("nan"))
-        bar.set_postfix(task=task, acc=f"{record['avg_acc']:.3f}", cur=f"{current:.3f}")
-        bar.update()
-    bar.close()
+    try:
+        for server_round in range(1, cfg.rounds + 1):
+            round_started = time.perf_counter()
+            arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
+            for observer in observers:
+                observer.on_events(server_round, applied)
+            available = scenario.available_array(server_round)
+            online = _online_clients(cfg, available, server_round)
+            grid.set_available(node_id_of(online))
+            train_started = time.perf_counter()
+            step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit)
+            train_s = time.perf_counter() - train_started
+            arrays = end_task_hooks(scenario, server_round, strategy, step.arrays, grid)
+            updates += step.succeeded
+            record = _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available)
+            record.update(
+                online=len(online),
+                sampled=step.sampled,
+                replies=step.succeeded,
+                failures=[{"node": n, "reason": r} for n, r in step.problems],
+                train=step.metrics,
+                train_s=train_s,
+                round_s=time.perf_counter() - round_started,
+            )
+            if step.skipped:
+                record["skipped"] = step.skipped
+            records.append(record)
+            for observer in observers:
+                observer.on_round_end(record, arrays, strategy)
+    finally:
+        for observer in observers:
+            observer.close()
     loop_s = time.perf_counter() - loop_started
     if scenario.is_sequential():
         summary = continual_summary(records, scenario.num_tasks, init_acc)
@@ -292,24 +363,25 @@ def _round_loop(cfg, strategy, grid, arrays, scenario, evaluator, recorder, prog
         init_acc=init_acc,
         deletion_audit=audit.summary(),
     )
-    return RunResult(recorder.out_dir, summary, records, arrays, strategy)
+    return RunResult(out_dir, summary, records, arrays, strategy)
 
 
-def _checkpoint(recorder: RunRecorder, server_round: int, arrays, strategy, grid: RayGrid) -> None:
-    """Global arrays, the strategy (if picklable) and every client's Context.state."""
-    client_states: dict[int, Any] = {}
-    for states in ray.get([actor.export_states.remote() for actor in grid.actors]):
-        client_states.update(states)
-    try:
-        strategy_state = pickle.dumps(strategy)
-    except Exception:  # strategies holding lambdas or handles cannot be pickled; arrays still are
-        strategy_state = None
-    recorder.write_checkpoint(
-        server_round,
-        {
-            "round": server_round,
-            "arrays": {name: arrays[name].numpy() for name in arrays},
-            "strategy": strategy_state,
-            "client_states": client_states,
-        },
-    )
+def _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available) -> dict[str, Any]:
+    """The round's record so far: accuracy on every seen task (+ the next, for transfer)."""
+    task = scenario.global_task(server_round)
+    seen = scenario.seen_tasks(server_round)
+    has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
+    next_task = task + 1 if has_next and task + 1 not in seen else None
+    # Concepts are weighted over every available client, not only this round's online ones.
+    scores = evaluator.evaluate_round(arrays, server_round, available, next_task)
+    record = {
+        "round": server_round,
+        "task": task,
+        "acc": scores.acc,
+        "acc_next": scores.acc_next,
+        "avg_acc": mean(scores.acc.values()),
+    }
+    if scores.acc_by_concept:
+        record["acc_by_concept"] = scores.acc_by_concept
+        record["client_acc"] = scores.client_acc
+    return record

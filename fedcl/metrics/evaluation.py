@@ -64,18 +64,23 @@ class TaskEvaluator:
         return accuracy(self.model, view.x, view.y, self.batch_size, class_mask=mask)
 
     def evaluate_round(
-        self, arrays: ArrayRecord, server_round: int, clients: Sequence[int], next_task: int | None
+        self,
+        arrays: ArrayRecord,
+        server_round: int,
+        clients: Sequence[int] | np.ndarray,
+        next_task: int | None,
     ) -> RoundScores:
         """Score every seen task under each concept held by `clients`, weighting concepts by how
         many clients hold them; with several concepts, also per concept and per client (each
         client on its current task under its own concept)."""
         seen = self.scenario.seen_tasks(server_round)
-        groups: dict[str, tuple[Concept, list[int]]] = {}
-        for client in clients:
-            concept = self.scenario.concept(client, server_round)
-            groups.setdefault(concept_label(concept), (concept, []))[1].append(client)
+        # Grouped with array passes: `clients` may be every one of a million registered clients.
+        groups: dict[str, tuple[Concept, np.ndarray]] = {
+            concept_label(concept): (concept, members)
+            for concept, members in self.scenario.concept_groups(server_round, clients)
+        }
         if not groups:
-            groups["original"] = ((), [])
+            groups["original"] = ((), np.zeros(0, dtype=np.int64))
         by_concept = {
             label: self.evaluate(arrays, seen, concept) for label, (concept, _) in groups.items()
         }
@@ -89,8 +94,8 @@ class TaskEvaluator:
         if len(groups) > 1:
             scores.acc_by_concept = by_concept
             for label, (_, members) in groups.items():
-                for client in members:
-                    task = self.scenario.task_of(client, server_round)
+                tasks = self.scenario.tasks_of(members, server_round)
+                for client, task in zip(members.tolist(), tasks.tolist(), strict=True):
                     scores.client_acc[str(client)] = by_concept[label][str(task)]
         return scores
 

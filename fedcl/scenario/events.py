@@ -17,6 +17,7 @@ An event in the config:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +39,15 @@ DRIFT_EVENT_KEYS = ("type", "mode", "ramp", "until")  # plus the drift type's ow
 
 @dataclass(frozen=True)
 class Event:
-    """One entry of the timeline: at `round`, `kind` happens to `clients` with `params`."""
+    """One entry of the timeline: at `round`, `kind` happens to `clients` with `params`.
+
+    `clients` are sorted and distinct; an event on every client holds them as a `range`, so a
+    million clients cost a few bytes, not a tuple of a million ints.
+    """
 
     round: int
     kind: str
-    clients: tuple[int, ...]
+    clients: tuple[int, ...] | range
     params: Mapping[str, Any] = field(default_factory=dict)
     index: int = 0  # position in the timeline, stable; drifts derive their seeds from it
 
@@ -77,16 +82,7 @@ def parse_event(
     server_round = raw.get("round")
     if not isinstance(server_round, int) or not 1 <= server_round <= rounds:
         raise _fail(where, f"round {server_round!r} is not within the run's rounds 1..{rounds}")
-    clients = raw.get("clients", "all")
-    if clients == "all" or clients is None:
-        clients = list(range(num_clients))
-    if not isinstance(clients, Sequence) or isinstance(clients, str) or not clients:
-        raise _fail(
-            where, f"clients must be a non-empty list of client ids or 'all', got {clients!r}"
-        )
-    bad = [c for c in clients if not isinstance(c, int) or not 0 <= c < num_clients]
-    if bad:
-        raise _fail(where, f"unknown client {bad[0]!r}; clients are 0..{num_clients - 1}")
+    clients = _clients(raw.get("clients", "all"), where, num_clients)
     params = {k: v for k, v in raw.items() if k not in _COMMON}
     if kind == "drift":
         _check_drift(params, where, rounds=rounds, start=server_round)
@@ -103,7 +99,21 @@ def parse_event(
             )
     if kind == "delete":
         _check_delete(params, where, num_classes=num_classes)
-    return Event(server_round, kind, tuple(sorted(set(clients))), params)
+    return Event(server_round, kind, clients, params)
+
+
+def _clients(clients: Any, where: str, num_clients: int) -> tuple[int, ...] | range:
+    """The event's clients, checked, sorted and distinct; `range` for every client."""
+    if clients == "all" or clients is None:
+        return range(num_clients)
+    if not isinstance(clients, Sequence) or isinstance(clients, str) or not clients:
+        raise _fail(
+            where, f"clients must be a non-empty list of client ids or 'all', got {clients!r}"
+        )
+    bad = [c for c in clients if not isinstance(c, int) or not 0 <= c < num_clients]
+    if bad:
+        raise _fail(where, f"unknown client {bad[0]!r}; clients are 0..{num_clients - 1}")
+    return tuple(sorted(set(clients)))
 
 
 def _check_drift(params: dict[str, Any], where: str, *, rounds: int, start: int) -> None:
@@ -182,5 +192,12 @@ def build_timeline(events: Sequence[Event]) -> tuple[Event, ...]:
 
 
 def events_at(timeline: Sequence[Event], server_round: int) -> list[Event]:
-    """The events applied at the start of `server_round`."""
-    return [e for e in timeline if e.round == server_round]
+    """The events applied at the start of `server_round`, found by bisection: `timeline` must be in
+    round order, as `build_timeline` returns it (cost: log of the timeline's length)."""
+    first = bisect.bisect_left(timeline, server_round, key=_round_of)
+    last = bisect.bisect_right(timeline, server_round, lo=first, key=_round_of)
+    return list(timeline[first:last])
+
+
+def _round_of(event: Event) -> int:
+    return event.round

@@ -19,5 +19,6 @@ def run_with_actors(overrides: list[str], out: Path, actors: int) -> tuple[list[
     records = read_jsonl(out / "metrics.jsonl")
     for record in records:
         record.pop("round_s")
+        record.pop("train_s")
     events = read_jsonl(out / "events.jsonl") if (out / "events.jsonl").exists() else []
     return events, records

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedcl.strategies.fisher_math import diagonal_fisher, fisher_merge
+from fedcl.strategies.fisher.math import diagonal_fisher, fisher_merge
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

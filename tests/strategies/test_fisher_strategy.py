@@ -12,13 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 import fedcl
-from fedcl.client.continual import task_data
 from fedcl.engine.flower_compat import assign_message_id, partition_of, set_server_identity
 from fedcl.errors import ConfigError
 from fedcl.strategies import build_strategy
 from fedcl.strategies.fisher import FisherMerging
-from fedcl.strategies.fisher_math import diagonal_fisher
-from tests.strategies.inprocess import InProcessGrid
+from fedcl.strategies.fisher.client import FISHER_CLIENT
+from fedcl.strategies.fisher.math import diagonal_fisher
+from fedcl.testing import InProcessGrid
 
 SHAPES = {"layer.weight": (3, 4), "layer.bias": (3,)}
 COUNTS = [10, 30, 60]
@@ -121,7 +121,7 @@ DIGITS = [
 
 @pytest.fixture(scope="module")
 def grid():
-    grid = InProcessGrid(DIGITS)
+    grid = InProcessGrid(DIGITS, extension=FISHER_CLIENT)
     yield grid
     grid.close()
 
@@ -134,7 +134,7 @@ def test_clients_send_the_fisher_of_their_trained_model(grid):
         client = partition_of(reply.metadata.src_node_id)
         model = grid.new_model()
         model.load_state_dict(reply.content["arrays"].to_torch_state_dict())
-        x, y = task_data(grid.runtime, client, 1, 0)
+        x, y = grid.runtime.task_data(client, 1, 0)
         fisher = reply.content["fisher"]
         assert set(fisher.keys()) == set(arrays.keys())
         # 40 of the client's examples, chosen by a seeded draw: the set is unknown here, so
@@ -159,7 +159,7 @@ def test_continual_prior_accumulates_the_merged_models_fisher(grid):
     model = grid.new_model()
     expected, total = {}, 0
     for client in range(3):
-        x, _ = task_data(grid.runtime, client, 2, 0)
+        x, _ = grid.runtime.task_data(client, 2, 0)
         fisher = diagonal_fisher(model, torch.from_numpy(x), mode="expected")
         for name, value in fisher.items():
             expected[name] = expected.get(name, 0) + len(x) * value.double().numpy()

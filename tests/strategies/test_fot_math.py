@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcl.strategies.fot_math import (
+from fedcl.strategies.fot.math import (
     activation_sketch,
     expand_basis,
     layer_inputs,

@@ -15,9 +15,11 @@ from fedcl.engine.flower_compat import assign_message_id, set_server_identity
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.strategies import build_strategy
-from fedcl.strategies.fot import BASIS_METRIC_PREFIX, FOT
-from fedcl.strategies.fot_math import layer_inputs
-from tests.strategies.inprocess import InProcessGrid
+from fedcl.strategies.fot import FOT
+from fedcl.strategies.fot.client import FOT_CLIENT
+from fedcl.strategies.fot.keys import BASIS_METRIC_PREFIX
+from fedcl.strategies.fot.math import layer_inputs
+from fedcl.testing import InProcessGrid
 
 ATOL = 1e-5
 
@@ -128,7 +130,7 @@ PERMUTED = [
 
 @pytest.fixture(scope="module")
 def permuted_grid():
-    grid = InProcessGrid(PERMUTED)
+    grid = InProcessGrid(PERMUTED, extension=FOT_CLIENT)
     yield grid
     grid.close()
 

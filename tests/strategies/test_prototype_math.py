@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedcl.strategies.prototype_math import PrototypeBank, running_mean_update
+from fedcl.strategies.prototypes.math import PrototypeBank, running_mean_update
 
 NUM_CLASSES, DIM = 6, 5
 

@@ -17,9 +17,11 @@ from fedcl.errors import ConfigError
 from fedcl.scenario.datasets import load_dataset
 from fedcl.strategies import build_strategy
 from fedcl.strategies.base import DeletionRequest
-from fedcl.strategies.prototype_math import PrototypeBank
-from fedcl.strategies.prototypes import UNKNOWN_CLASS_BIAS, PrototypeAveraging
-from tests.strategies.inprocess import InProcessGrid
+from fedcl.strategies.prototypes import PrototypeAveraging
+from fedcl.strategies.prototypes.client import PROTOTYPES_CLIENT
+from fedcl.strategies.prototypes.math import PrototypeBank
+from fedcl.strategies.prototypes.strategy import UNKNOWN_CLASS_BIAS
+from fedcl.testing import InProcessGrid
 
 CLASS_INCREMENTAL = [
     "dataset.name=digits",
@@ -34,7 +36,9 @@ TASK = 0  # round 1 trains task 0 of 2 (rounds 1-2)
 
 @pytest.fixture(scope="module", params=["iid", "dirichlet", "shards"])
 def grid(request):
-    grid = InProcessGrid([*CLASS_INCREMENTAL, f"clients.partition={request.param}"])
+    grid = InProcessGrid(
+        [*CLASS_INCREMENTAL, f"clients.partition={request.param}"], extension=PROTOTYPES_CLIENT
+    )
     yield grid
     grid.close()
 

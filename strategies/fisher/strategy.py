@@ -1,12 +1,13 @@
 """Fisher-weighted model merging as a Flower Message-API strategy, with a continual variant.
 
 Matena & Raffel, "Merging Models with Fisher-Weighted Averaging" (NeurIPS 2022); official code
-`mmatena/model_merging` (`fisher.py`, `merging.py`). The math is in `fedcl.strategies.fisher_math`.
+`mmatena/model_merging` (`fisher.py`, `merging.py`). The math is in `fedcl.strategies.fisher.math`.
 
 Every round the sampled clients train as in FedAvg and also return the diagonal Fisher of their
-trained model on their data (the train extra ``fisher-mode`` of `fedcl.client.continual`). The
-server merges per coordinate, θ = Σ λ_k F̃_k θ_k / Σ λ_k F̃_k, with λ_k ∝ the clients' example
-counts and F̃_k = max(F_k, floor) (`fisher_merge`).
+trained model on their data (the train extra ``fisher-mode`` of its client half,
+`fedcl.strategies.fisher.client`). The server merges per coordinate,
+θ = Σ λ_k F̃_k θ_k / Σ λ_k F̃_k, with λ_k ∝ the clients' example counts and
+F̃_k = max(F_k, floor) (`fisher_merge`).
 
 Continual variant (``prior_weight`` γ > 0): at each task end the server asks every client for the
 Fisher of the *merged global* model on its data of the finished task (``query.fisher``), adds the
@@ -35,11 +36,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedcl.strategies.base import ContinualStrategy
-from fedcl.strategies.fisher_math import FISHER_MODES, fisher_merge
-
-FISHER_QUERY = "query.fisher"
-FISHER_KEY = "fisher"  # ArrayRecord in train and query replies: parameter name -> diagonal F
+from fedcl.protocol import NUM_EXAMPLES, SERVER_ROUND, TASK
+from fedcl.strategies.base import ClientExtension, ContinualStrategy, query_nodes
+from fedcl.strategies.fisher.client import FISHER_CLIENT
+from fedcl.strategies.fisher.keys import (
+    FISHER_BATCH_SIZE,
+    FISHER_EXAMPLES,
+    FISHER_KEY,
+    FISHER_MODE,
+    FISHER_QUERY,
+)
+from fedcl.strategies.fisher.math import FISHER_MODES, fisher_merge
 
 
 class FisherMerging(FedAvg, ContinualStrategy):
@@ -162,9 +169,9 @@ class FisherMerging(FedAvg, ContinualStrategy):
         )
 
     def _fisher_config(self, config: ConfigRecord) -> ConfigRecord:
-        config["fisher-mode"] = self.fisher_mode
-        config["fisher-examples"] = self.fisher_examples
-        config["fisher-batch-size"] = self.fisher_batch_size
+        config[FISHER_MODE] = self.fisher_mode
+        config[FISHER_EXAMPLES] = self.fisher_examples
+        config[FISHER_BATCH_SIZE] = self.fisher_batch_size
         return config
 
     def configure_train(
@@ -229,6 +236,10 @@ class FisherMerging(FedAvg, ContinualStrategy):
         metrics = self.train_metrics_aggr_fn(usable, self.weighted_by_key)
         return arrays, metrics
 
+    def client_extension(self) -> ClientExtension:
+        """The client half: the Fisher train extra and query (`fedcl.strategies.fisher.client`)."""
+        return FISHER_CLIENT
+
     def on_task_end(
         self, server_round: int, task: int, arrays: ArrayRecord, grid: Grid
     ) -> ArrayRecord | None:
@@ -239,20 +250,13 @@ class FisherMerging(FedAvg, ContinualStrategy):
         """
         if self.prior_weight <= 0:
             return None
-        config = self._fisher_config(ConfigRecord({"server-round": server_round, "task": task}))
+        config = self._fisher_config(ConfigRecord({SERVER_ROUND: server_round, TASK: task}))
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = [
-            Message(content=content, message_type=FISHER_QUERY, dst_node_id=node)
-            for node in sorted(grid.get_node_ids())
-        ]
-        replies = sorted(grid.send_and_receive(messages), key=lambda r: r.metadata.src_node_id)
+        nodes = sorted(grid.get_node_ids())
+        replies = query_nodes(grid, nodes, FISHER_QUERY, content, label="Fisher merging")
         contributions: list[tuple[float, ArrayRecord]] = []
         for reply in replies:
-            if reply.has_error():
-                node, reason = reply.metadata.src_node_id, reply.error.reason
-                log(WARNING, "Fisher merging: node %d sent no Fisher: %s", node, reason)
-                continue
-            count = float(_metrics(reply.content)["num-examples"])
+            count = float(_metrics(reply.content)[NUM_EXAMPLES])
             if count > 0 and FISHER_KEY in reply.content.array_records:
                 contributions.append((count, reply.content[FISHER_KEY]))
         if not contributions:

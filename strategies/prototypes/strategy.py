@@ -2,15 +2,16 @@
 
 Hendryx, KC, Walls, Morrison, "Federated Reconnaissance: Efficient, Distributed, Class-Incremental
 Learning" (2021); official code `ml4ai/fed-recon` (`FederatedProtoNet`). The math is in
-`fedcl.strategies.prototype_math`. The protocol:
+`fedcl.strategies.prototypes.math`. The protocol:
 
 1. Backbone: the model is trained federated (plain FedAvg) for ``backbone_rounds`` rounds, or for
    the whole first task; then it is frozen. (The paper meta-trains its encoder as a prototypical
    network on base classes; here the base classes are the first task's.)
 2. Reconnaissance: from then on no gradient step is taken. Each round the sampled clients embed
    their data of the current task with the frozen backbone and send per-class embedding sums and
-   counts (``query.prototypes``, answered by `fedcl.client.continual`); at each task end every
-   client that did not answer in that round is asked too, so each task's prototypes cover all of
+   counts (``query.prototypes``, answered by its client half,
+   `fedcl.strategies.prototypes.client`); at each task end every client that did not answer in
+   that round is asked too, so each task's prototypes cover all of
    its data.
 3. Prediction is by the nearest prototype in squared Euclidean distance. fedcl evaluates
    ``model(x).argmax``, and argmin_c ‖e − p_c‖² = argmax_c (2 p_c·e − ‖p_c‖²), so the strategy
@@ -36,11 +37,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedcl.strategies.base import ContinualStrategy, DeletionRequest
-from fedcl.strategies.prototype_math import PrototypeBank
+from fedcl.protocol import SERVER_ROUND, TASK
+from fedcl.strategies.base import ClientExtension, ContinualStrategy, DeletionRequest, query_nodes
+from fedcl.strategies.prototypes.client import PROTOTYPES_CLIENT
+from fedcl.strategies.prototypes.keys import BANK_KEY, PROTOTYPES_QUERY
+from fedcl.strategies.prototypes.math import PrototypeBank
 
-PROTOTYPES_QUERY = "query.prototypes"
-BANK_KEY = "prototype-bank"  # ArrayRecord in the reply: "sums" (classes, dim), "counts" (classes,)
 # Bias of a class with no prototype: its logit never wins while some class is known, and stays
 # finite in float32.
 UNKNOWN_CLASS_BIAS = -1e30
@@ -133,6 +135,10 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         self._arrays: ArrayRecord | None = None
         self._answered: set[int] = set()
 
+    def client_extension(self) -> ClientExtension:
+        """The client half: the prototype query (`fedcl.strategies.prototypes.client`)."""
+        return PROTOTYPES_CLIENT
+
     # --- rounds ----------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -145,8 +151,11 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         self._querying = self.frozen
         if not self.frozen:
             return messages
-        node_ids = [m.metadata.dst_node_id for m in messages]
-        return self._query_messages(server_round, arrays, node_ids)
+        content = self._query_content(server_round, arrays)
+        return [
+            Message(content=content, message_type=PROTOTYPES_QUERY, dst_node_id=node)
+            for node in (m.metadata.dst_node_id for m in messages)
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -174,7 +183,7 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
             return None
         missing = [n for n in sorted(grid.get_node_ids()) if n not in self._answered]
         if missing:
-            self._absorb(grid.send_and_receive(self._query_messages(server_round, arrays, missing)))
+            self._absorb(self._query(grid, server_round, arrays, missing))
         return self.with_head(arrays)
 
     # --- deletion ----------------------------------------------------------------------------
@@ -209,9 +218,7 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         After samples are deleted from a client's store, this makes its contribution exactly that
         of the data it still holds.
         """
-        self._absorb(
-            grid.send_and_receive(self._query_messages(server_round, arrays, node_ids, task))
-        )
+        self._absorb(self._query(grid, server_round, arrays, node_ids, task))
         return self.with_head(arrays)
 
     def on_delete(
@@ -280,21 +287,24 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         )
 
     # --- internals ---------------------------------------------------------------------------
-    def _query_messages(
+    def _query_content(
+        self, server_round: int, arrays: ArrayRecord, task: int | None = None
+    ) -> RecordDict:
+        config = ConfigRecord({SERVER_ROUND: server_round})
+        if task is not None:
+            config[TASK] = task
+        return RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+
+    def _query(
         self,
+        grid: Grid,
         server_round: int,
         arrays: ArrayRecord,
         node_ids: Iterable[int],
         task: int | None = None,
     ) -> list[Message]:
-        config = ConfigRecord({"server-round": server_round})
-        if task is not None:
-            config["task"] = task
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [
-            Message(content=content, message_type=PROTOTYPES_QUERY, dst_node_id=node)
-            for node in node_ids
-        ]
+        content = self._query_content(server_round, arrays, task)
+        return query_nodes(grid, node_ids, PROTOTYPES_QUERY, content, label="prototypes")
 
     def _absorb(self, replies: Iterable[Message]) -> None:
         """Replace each answering node's bank of the task its reply is about."""
@@ -305,7 +315,7 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
                 continue
             content = reply.content
             record = content[BANK_KEY]
-            task = int(next(iter(content.metric_records.values()))["task"])
+            task = int(next(iter(content.metric_records.values()))[TASK])
             bank = PrototypeBank(record["sums"].numpy(), record["counts"].numpy())
             if not np.all(np.isfinite(bank.sums)):
                 log(WARNING, "prototypes: node %d sent non-finite sums; ignored", node_id)

@@ -1,42 +1,55 @@
-"""An in-process Flower Grid running fedcl's real ClientApp handlers: strategy tests without Ray.
+"""Test a strategy without Ray: an in-process Flower Grid running the real ClientApp handlers.
 
-`InProcessGrid(overrides)` builds the config, dataset and scenario as a run would, installs the
-client runtime in this process, and answers messages by calling the ClientApp directly (node ids
-are fedcl's: 1000 + client).
+`InProcessGrid(overrides, extension=...)` builds the config, dataset and scenario as a run would,
+installs the client runtime and the strategy's client half (`ClientExtension`) in this process,
+and answers messages by calling the ClientApp directly, node after node (node ids are fedcl's:
+1000 + client). Use it in your own tests::
+
+    from fedcl.testing import InProcessGrid
+
+    strategy = MyStrategy()
+    grid = InProcessGrid(["clients.num=4", "rounds=2"], extension=strategy.client_extension())
+    messages = strategy.configure_train(1, grid.initial_arrays(), ConfigRecord(), grid)
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    grid.close()
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 
-import fedcl.client.app  # noqa: F401  (registers the continual handlers on the default app)
-from fedcl.client.app import app
 from fedcl.client.runtime import ClientRuntime, set_runtime
 from fedcl.config import load_config, to_container
 from fedcl.engine.flower_compat import (
     assign_message_id,
     make_run,
     node_id_of,
+    own_copy,
     partition_of,
     set_server_identity,
 )
+from fedcl.imports import load_object
 from fedcl.models import build_model
+from fedcl.protocol import NUM_PARTITIONS, PARTITION_ID
 from fedcl.scenario.datasets import load_dataset
 from fedcl.scenario.scenario import build_scenario
 from fedcl.seeding import derive_seed
+from fedcl.strategies.base import ClientExtension
 
 
 class InProcessGrid(Grid):
     """A Grid whose nodes are fedcl's virtual clients, served in this process, in order."""
 
-    def __init__(self, overrides: Sequence[str]) -> None:
+    def __init__(
+        self, overrides: Sequence[str] = (), *, extension: ClientExtension | None = None
+    ) -> None:
         self.cfg = load_config(None, list(overrides))
+        extension = extension or ClientExtension()
         config = to_container(self.cfg)
         self.dataset = load_dataset(self.cfg.dataset.name, seed=self.cfg.seed)
         self.scenario = build_scenario(self.cfg, self.dataset)
@@ -47,8 +60,10 @@ class InProcessGrid(Grid):
             self.dataset.y_train,
             tuple(self.dataset.input_shape),
             self.dataset.num_classes,
+            train_extras=dict(extension.train_extras),
         )
         set_runtime(self.runtime)
+        self.app = extension.wrap(load_object(self.cfg.client.app, what="client.app"))
         # As an actor does; several intra-op threads on a busy 2-core machine crawl.
         self._threads = torch.get_num_threads()
         torch.set_num_threads(self.cfg.engine.torch_threads)
@@ -67,6 +82,10 @@ class InProcessGrid(Grid):
             channels=self.cfg.model.channels,
             seed=derive_seed(self.cfg.seed, "init"),
         )
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The run's initial global arrays (as the driver starts a run with)."""
+        return ArrayRecord(self.new_model().state_dict())
 
     # --- Grid ----------------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -102,15 +121,15 @@ class InProcessGrid(Grid):
                     run_id=11,
                     node_id=node_id,
                     node_config={
-                        "partition-id": partition_of(node_id),
-                        "num-partitions": len(self.node_ids),
+                        PARTITION_ID: partition_of(node_id),
+                        NUM_PARTITIONS: len(self.node_ids),
                     },
                     state=RecordDict(),
                     run_config={},
                 ),
             )
             # As fedcl's actors do: each handler gets its own copy of the content.
-            reply = app(make_message(message.metadata, copy.deepcopy(message.content)), context)
+            reply = self.app(make_message(message.metadata, own_copy(message.content)), context)
             assign_message_id(reply)
             replies.append(reply)
         return replies

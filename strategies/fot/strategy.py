@@ -3,14 +3,15 @@
 Bakman, Yaldiz, Ezzeldin, Avestimehr, "Federated Orthogonal Training: Mitigating Global
 Catastrophic Forgetting in Continual Federated Learning" (ICLR 2024); official code
 `duygunuryldz/Federated_Orthogonal_Training` (`fedavg_seq_cont/FedAVGAggregator.py`). The math is
-in `fedcl.strategies.fot_math`; this module decides when it runs:
+in `fedcl.strategies.fot.math`; this module decides when it runs:
 
 * every round, clients train as in FedAvg; the server averages (uniformly, as the official
   ``get_average_weight``) and replaces the update G = W_global − W_avg of every protected layer
   by G (I − U Uᵀ) (`project_update`), so the layer's response to old tasks' inputs is unchanged;
 * after the last round of each task (`on_task_end`), it asks clients for their sketched residual
-  activations (``query.fot_activations``, answered by `fedcl.client.continual`), sums them and
-  grows each layer's basis U by SVD with the energy threshold ε (`expand_basis`); then ε += Δε.
+  activations (``query.fot_activations``, answered by its client half,
+  `fedcl.strategies.fot.client`), sums them and grows each layer's basis U by SVD with the energy
+  threshold ε (`expand_basis`); then ε += Δε.
 
 Departures from the official code, each for a stated reason:
 
@@ -41,19 +42,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedcl.strategies.base import ContinualStrategy
-from fedcl.strategies.fot_math import (
+from fedcl.protocol import NUM_EXAMPLES, SERVER_ROUND
+from fedcl.strategies.base import ClientExtension, ContinualStrategy, query_nodes
+from fedcl.strategies.fot.client import FOT_CLIENT
+from fedcl.strategies.fot.keys import (
+    ACTIVATIONS_QUERY,
+    BASES_KEY,
+    BASIS_METRIC_PREFIX,
+    LAYERS,
+    PROJECTION,
+    RATIO_PREFIX,
+    SKETCH_FACTOR,
+    SKETCHES_KEY,
+)
+from fedcl.strategies.fot.math import (
     PROJECTION_KINDS,
     expand_basis,
     mean_residual_ratio,
     project_update,
 )
 
-ACTIVATIONS_QUERY = "query.fot_activations"
-BASES_KEY = "fot-bases"  # ArrayRecord in the query: layer name -> U (d, k) float32
-SKETCHES_KEY = "fot-sketches"  # ArrayRecord in the reply: layer name -> R Q (d, m)
-RATIO_PREFIX = "residual-ratio/"  # reply metric per layer
-BASIS_METRIC_PREFIX = "fot-basis/"  # train metric per layer: columns of its basis
 ACTIVATION_CLIENTS = ("sampled", "all")
 
 
@@ -261,6 +269,10 @@ class FOT(FedAvg, ContinualStrategy):
             metrics[BASIS_METRIC_PREFIX + layer] = int(basis.shape[1])
         return ArrayRecord(new), metrics
 
+    def client_extension(self) -> ClientExtension:
+        """The client half: the activation query (`fedcl.strategies.fot.client`)."""
+        return FOT_CLIENT
+
     def on_task_end(
         self, server_round: int, task: int, arrays: ArrayRecord, grid: Grid
     ) -> ArrayRecord | None:
@@ -277,10 +289,10 @@ class FOT(FedAvg, ContinualStrategy):
             node_ids = sorted(grid.get_node_ids())
         config = ConfigRecord(
             {
-                "server-round": server_round,
-                "layers": layers,
-                "projection": self.projection,
-                "sketch-factor": self.sketch_factor,
+                SERVER_ROUND: server_round,
+                LAYERS: layers,
+                PROJECTION: self.projection,
+                SKETCH_FACTOR: self.sketch_factor,
             }
         )
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -288,18 +300,8 @@ class FOT(FedAvg, ContinualStrategy):
             content[BASES_KEY] = ArrayRecord(
                 {name: Array(basis.float().numpy()) for name, basis in self.bases.items()}
             )
-        messages = [
-            Message(content=content, message_type=ACTIVATIONS_QUERY, dst_node_id=node)
-            for node in node_ids
-        ]
-        replies = sorted(grid.send_and_receive(messages), key=lambda r: r.metadata.src_node_id)
-        usable = []
-        for reply in replies:
-            if reply.has_error():
-                node, reason = reply.metadata.src_node_id, reply.error.reason
-                log(WARNING, "FOT: node %d sent no activations: %s", node, reason)
-            elif int(_metrics(reply.content)["num-examples"]) > 0:
-                usable.append(reply.content)
+        replies = query_nodes(grid, node_ids, ACTIVATIONS_QUERY, content, label="FOT")
+        usable = [r.content for r in replies if int(_metrics(r.content)[NUM_EXAMPLES]) > 0]
         if usable:
             for layer in layers:
                 self._expand(layer, usable)
@@ -324,7 +326,7 @@ class FOT(FedAvg, ContinualStrategy):
             total = sketch if total is None else total + sketch
             metrics = _metrics(content)
             ratios.append(float(metrics[RATIO_PREFIX + layer]))
-            counts.append(int(metrics["num-examples"]))
+            counts.append(int(metrics[NUM_EXAMPLES]))
         old = self.bases.get(layer)
         known = 0 if old is None else old.shape[1]
         # Tolerances follow the clients' float32 precision (the sketch's dtype); the basis is
