@@ -107,7 +107,7 @@ class EngineConfig:
     num_gpus_per_actor: float = 0.0
     # None: start (or reuse) a local Ray; "auto" or "ray://host:port" attaches to a cluster.
     ray_address: str | None = None
-    torch_threads: int = 1
+    torch_threads: int = 1  # torch threads per actor, and on the driver (evaluation)
     # Train an actor's clients of a round together (torch.func.vmap over stacked parameters):
     # on | off | auto (on where a quick probe of the model, on this machine, shows a gain).
     vectorize: str = "auto"

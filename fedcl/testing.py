@@ -51,7 +51,13 @@ class InProcessGrid(Grid):
         self.cfg = load_config(None, list(overrides))
         extension = extension or ClientExtension()
         config = to_container(self.cfg)
-        self.dataset = load_dataset(self.cfg.dataset.name, seed=self.cfg.seed)
+        self.dataset = load_dataset(
+            self.cfg.dataset.name,
+            seed=self.cfg.seed,
+            root=self.cfg.dataset.root,
+            cache_dir=self.cfg.dataset.cache_dir,
+            **config["dataset"]["options"],
+        )
         self.scenario = build_scenario(self.cfg, self.dataset)
         self.runtime = ClientRuntime(
             config,

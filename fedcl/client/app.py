@@ -182,7 +182,6 @@ def train(msg: Message, context: Context) -> Message:
         class_mask=job.class_mask,
         seed=job.seed,
         device=runtime.device,
-        optimizer=runtime.optimizer(settings["lr"], settings["momentum"], settings["weight_decay"]),
     )
     return reply(msg, context, job, model, stats)
 

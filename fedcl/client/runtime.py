@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcl.models import model_from_config
+from fedcl.npy import values_of
 from fedcl.scenario.scenario import ClientView, Scenario
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ class ClientRuntime:
     num_classes: int
     # The strategy's train extras (config key -> extra), installed from its ClientExtension.
     train_extras: Mapping[str, TrainExtra] = field(default_factory=dict)
-    # One module and optimizer per actor, reloaded per message: building them per message costs
-    # more than the few SGD steps a client takes. Also the last message's decoded arrays.
+    # One module per actor, reloaded per message: building one per message costs more than the
+    # few SGD steps a client takes. Also the last message's decoded arrays.
     _models: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -64,23 +65,6 @@ class ClientRuntime:
         model.load_state_dict(self._decoded(arrays))
         return model
 
-    def optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-        """An SGD optimizer over the actor's model (`load_model`), with fresh state: as a new one
-        would be, without the cost of building it for every client."""
-        key = f"sgd/{lr!r}/{momentum!r}/{weight_decay!r}"
-        if key not in self._models:
-            if "model" not in self._models:
-                self._models["model"] = self.new_model()
-            self._models[key] = torch.optim.SGD(
-                self._models["model"].parameters(),
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-            )
-        optimizer = self._models[key]
-        optimizer.state.clear()
-        return optimizer
-
     def _decoded(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """`arrays` as tensors. The clients of one actor call share the same `Array` objects
         (see `own_copy`), so they are decoded once, not once per client."""
@@ -88,7 +72,9 @@ class ClientRuntime:
         cached = self._models.get("decoded")
         if cached is not None and cached[0] == identity:
             return cached[2]
-        tensors = {name: torch.from_numpy(array.numpy()) for name, array in arrays.items()}
+        tensors = {
+            name: torch.from_numpy(values_of(array).copy()) for name, array in arrays.items()
+        }
         # The Array objects are kept with their ids so no id can be reused while cached.
         self._models["decoded"] = (identity, list(arrays.values()), tensors)
         return tensors
@@ -104,9 +90,7 @@ class ClientRuntime:
     def task_view(self, client: int, server_round: int, task: int) -> ClientView:
         """Client `client`'s data of `task` alone (no replay, no blurry mix-in) as it holds it in
         `server_round`: deleted samples removed, its current concept applied."""
-        ids = self.scenario.train_indices(client, task)
-        ids = ids[~self.scenario.deleted(ids, server_round)]
-        tasks = np.full(len(ids), task, dtype=np.int64)
+        ids, tasks = self.scenario.client_ids(client, server_round, task)
         concept = self.scenario.concept(client, server_round)
         return self.scenario.view(self.x_train, self.y_train, ids, tasks, concept)
 

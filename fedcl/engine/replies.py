@@ -7,6 +7,8 @@ from flwr.app import ArrayRecord, Error, Message
 from flwr.app.message.message import make_message
 from flwr.common.constant import ErrorCode
 
+from fedcl.engine.flower_compat import decoded
+
 
 def reply_problem(reply: Message, reference: ArrayRecord, model_key: str) -> str | None:
     """Why `reply` cannot be aggregated against the global `reference` arrays, or None if it can.
@@ -27,7 +29,8 @@ def reply_problem(reply: Message, reference: ArrayRecord, model_key: str) -> str
             if got != want:
                 return f"array '{name}' has shape {got}, the global model has {want}"
     for key, record in content.array_records.items():
-        for name, array in record.items():
+        for name, array in list(record.items()):
+            record[name] = array = decoded(array)  # decoded once, here and for the strategy
             values = array.numpy()
             if np.issubdtype(values.dtype, np.number) and not np.isfinite(values).all():
                 return f"array '{key}/{name}' contains NaN or infinity"

@@ -11,8 +11,10 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedcl.client.training import accuracy
+from fedcl.scenario.concepts import Concept
 from fedcl.scenario.datasets import ArrayDataset
-from fedcl.scenario.scenario import Concept, Scenario
+from fedcl.scenario.scenario import Scenario
+from fedcl.scenario.view import client_view
 
 
 def concept_label(concept: Concept) -> str:
@@ -59,7 +61,9 @@ class TaskEvaluator:
     def _score(self, task: int, concept: Concept) -> float:
         ids = self.scenario.test_indices[task]
         tasks = np.full(len(ids), task, dtype=np.int64)
-        view = self.scenario.view(self.x_test, self.y_test, ids, tasks, concept, split="test")
+        view = client_view(
+            self.scenario, self.x_test, self.y_test, ids, tasks, concept, split="test"
+        )
         mask = self.scenario.class_mask(view.tasks, self.num_classes)
         return accuracy(self.model, view.x, view.y, self.batch_size, class_mask=mask)
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from fedcl.config import load_config
+from fedcl.scenario.builder import build_scenario
 from fedcl.scenario.datasets import load_dataset
 from fedcl.scenario.events import events_at
 from fedcl.scenario.partition import PARTITIONS, partition_indices, partition_packed
-from fedcl.scenario.scenario import Scenario, build_scenario
+from fedcl.scenario.scenario import Scenario
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 
 from fedcl.config import load_config
 from fedcl.errors import ConfigError
+from fedcl.scenario.builder import build_scenario
 from fedcl.scenario.datasets import load_dataset
-from fedcl.scenario.scenario import build_scenario
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 
 from fedcl.config import load_config
 from fedcl.errors import ConfigError
+from fedcl.scenario.builder import build_scenario
 from fedcl.scenario.datasets import load_dataset
-from fedcl.scenario.scenario import build_scenario
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,8 @@ def test_recurring_tasks_and_blurry_boundaries(digits):
     ids, tasks = scenario.client_ids(0, 6)  # later rounds: only task 1
     assert set(tasks.tolist()) == {1}
     assert not scenario.is_sequential()
+    ids, tasks = scenario.client_ids(0, 5, task=1)  # one task's data alone: nothing mixed in
+    assert np.array_equal(ids, scenario.train_indices(0, 1)) and set(tasks.tolist()) == {1}
 
 
 def test_joining_clients_are_unavailable_before_their_round(digits):
