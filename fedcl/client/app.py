@@ -14,6 +14,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -31,7 +32,7 @@ from torch import nn
 
 from fedcl.client import replay
 from fedcl.client.messages import client_of, single_record
-from fedcl.client.runtime import current_runtime
+from fedcl.client.runtime import ClientRuntime, current_runtime
 from fedcl.client.training import TrainStats, accuracy, train_local
 from fedcl.client.vectorized import ClientBatchData, train_clients_vectorized
 from fedcl.protocol import (
@@ -161,23 +162,23 @@ def reply(
     return Message(content, reply_to=msg)
 
 
+def sgd_settings(runtime: ClientRuntime) -> dict[str, Any]:
+    """The run's local SGD settings (``train.*``), as both training paths take them."""
+    keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "max_steps")
+    return {key: runtime.config["train"][key] for key in keys}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this client's current task; reply with the new weights."""
     runtime = current_runtime()
     job = prepare(msg, context)
     model = runtime.load_model(single_record(msg.content.array_records, "ArrayRecord"))
-    settings = runtime.config["train"]
     stats = train_local(
         model,
         job.view.x,
         job.view.y,
-        epochs=settings["epochs"],
-        batch_size=settings["batch_size"],
-        lr=settings["lr"],
-        momentum=settings["momentum"],
-        weight_decay=settings["weight_decay"],
-        max_steps=settings["max_steps"],
+        **sgd_settings(runtime),
         proximal_mu=job.proximal_mu,
         class_mask=job.class_mask,
         seed=job.seed,
@@ -192,7 +193,6 @@ def train_vectorized(messages: Sequence[Message], contexts: Sequence[Context]) -
     (`train_clients_vectorized`); each reply equals `train`'s to float32 rounding. A client whose
     preparation fails gets an error reply of its own, as in `train`."""
     runtime = current_runtime()
-    settings = runtime.config["train"]
     replies: dict[int, Message] = {}
     groups: dict[tuple, list[tuple[int, TrainJob]]] = {}
     for i, (msg, context) in enumerate(zip(messages, contexts, strict=True)):
@@ -213,12 +213,7 @@ def train_vectorized(messages: Sequence[Message], contexts: Sequence[Context]) -
         results = train_clients_vectorized(
             model,
             data,
-            epochs=settings["epochs"],
-            batch_size=settings["batch_size"],
-            lr=settings["lr"],
-            momentum=settings["momentum"],
-            weight_decay=settings["weight_decay"],
-            max_steps=settings["max_steps"],
+            **sgd_settings(runtime),
             proximal_mu=members[0][1].proximal_mu,
             device=runtime.device,
         )
