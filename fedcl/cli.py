@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _strategies(args: argparse.Namespace) -> int:
-    from fedcl.engine.loop import import_modules
+    from fedcl.imports import import_modules
     from fedcl.strategies import describe_strategies
 
     import_modules(args.imports)

@@ -1,8 +1,10 @@
-"""Resolve user-named objects (`module:attr` or dotted `module.attr`) with one-line errors."""
+"""Resolve user-named modules and objects (`module:attr` or dotted `module.attr`) with
+one-line errors."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 from fedcl.errors import ConfigError
@@ -25,3 +27,12 @@ def load_object(path: str, *, what: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"{what} '{path}': module '{module_name}' has no '{attr}'") from None
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the config's `imports` (user modules that register strategies), one-line errors."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"imports: cannot import module '{name}' ({exc})") from None

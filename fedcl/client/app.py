@@ -11,7 +11,6 @@ per-client state across rounds; it lives on the actor the node is pinned to.
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +20,11 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 from torch import nn
 
 from fedcl.client import replay
@@ -59,13 +56,6 @@ def bump_train_count(context: Context) -> int:
     record = context.state[STATE_KEY]
     record["train-count"] = int(record["train-count"]) + 1
     return int(record["train-count"])
-
-
-def error_reply(msg: Message, exc: Exception) -> Message:
-    """A Flower error reply for a client whose handler raised `exc`."""
-    reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-    code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def received(msg: Message, context: Context) -> tuple[nn.Module, ConfigRecord, int, int]:
@@ -187,19 +177,22 @@ def train(msg: Message, context: Context) -> Message:
     return reply(msg, context, job, model, stats)
 
 
-def train_vectorized(messages: Sequence[Message], contexts: Sequence[Context]) -> list[Message]:
+def train_vectorized(
+    messages: Sequence[Message], contexts: Sequence[Context]
+) -> list[Message | None]:
     """`train` for all of one actor's train messages of a round at once (``engine.vectorize``):
     the clients that received the same model and FedProx μ train together with `torch.func`
     (`train_clients_vectorized`); each reply equals `train`'s to float32 rounding. A client whose
-    preparation fails gets an error reply of its own, as in `train`."""
+    preparation fails gets None: run it through the ClientApp, which reports its failure as for
+    any client."""
     runtime = current_runtime()
-    replies: dict[int, Message] = {}
+    replies: dict[int, Message | None] = {}
     groups: dict[tuple, list[tuple[int, TrainJob]]] = {}
     for i, (msg, context) in enumerate(zip(messages, contexts, strict=True)):
         try:
             job = prepare(msg, context)
-        except Exception as exc:  # as the actor does for `train`: this client's failure only
-            replies[i] = error_reply(msg, exc)
+        except Exception:  # this client's failure only; `train` will raise it again, reported
+            replies[i] = None
             continue
         arrays = single_record(msg.content.array_records, "ArrayRecord")
         key = (tuple(id(a) for a in arrays.values()), job.proximal_mu)

@@ -39,7 +39,7 @@ class ClientRuntime:
     train_extras: Mapping[str, TrainExtra] = field(default_factory=dict)
     # One module per actor, reloaded per message: building one per message costs more than the
     # few SGD steps a client takes. Also the last message's decoded arrays.
-    _models: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def seed(self) -> int:
@@ -59,9 +59,9 @@ class ClientRuntime:
     def load_model(self, arrays: ArrayRecord) -> nn.Module:
         """The actor's model of the run's architecture, holding `arrays` (the weights a message
         carries). The module is reused by the next message: do not keep it across messages."""
-        if "model" not in self._models:
-            self._models["model"] = self.new_model()
-        model = self._models["model"]
+        if "model" not in self._cache:
+            self._cache["model"] = self.new_model()
+        model = self._cache["model"]
         model.load_state_dict(self._decoded(arrays))
         return model
 
@@ -69,14 +69,14 @@ class ClientRuntime:
         """`arrays` as tensors. The clients of one actor call share the same `Array` objects
         (see `own_copy`), so they are decoded once, not once per client."""
         identity = tuple((name, id(array)) for name, array in arrays.items())
-        cached = self._models.get("decoded")
+        cached = self._cache.get("decoded")
         if cached is not None and cached[0] == identity:
             return cached[2]
         tensors = {
             name: torch.from_numpy(values_of(array).copy()) for name, array in arrays.items()
         }
         # The Array objects are kept with their ids so no id can be reused while cached.
-        self._models["decoded"] = (identity, list(arrays.values()), tensors)
+        self._cache["decoded"] = (identity, list(arrays.values()), tensors)
         return tensors
 
     def task_data(self, client: int, server_round: int, task: int) -> tuple[np.ndarray, np.ndarray]:

@@ -134,9 +134,12 @@ class ClientActor:
                 logger.warning("vectorized training failed (%s); training clients one by one", exc)
                 self.warned = True
             return {}
-        for reply in replies:
-            assign_message_id(reply)
-        return dict(zip(positions, replies, strict=True))
+        together = {}
+        for position, reply in zip(positions, replies, strict=True):
+            if reply is not None:  # None: the ClientApp runs it, and reports how it fails
+                assign_message_id(reply)
+                together[position] = reply
+        return together
 
     def export_states(self) -> dict[int, RecordDict]:
         """Every node's `Context.state` (for checkpoints)."""

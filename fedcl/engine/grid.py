@@ -27,15 +27,13 @@ class RayGrid(Grid):
         if not actors:
             raise ValueError("RayGrid needs at least one actor")
         self.actors = list(actors)
-        self.node_ids = sorted(int(n) for n in node_ids)
-        self._known_array = np.asarray(self.node_ids, dtype=np.int64)
+        self.node_ids = np.unique(np.asarray(node_ids, dtype=np.int64))  # sorted
         self._run = run
         self._requests: dict[str, Message] = {}  # message id -> message, until its reply is pulled
         self._in_flight: dict[ray.ObjectRef, list[str]] = {}  # actor call -> message ids it carries
         self._replies: dict[str, Message] = {}  # request message id -> reply
         self._abandoned: set[str] = set()  # timed out: their late replies are dropped
-        self._known = set(self.node_ids)
-        self._available: list[int] | np.ndarray = self.node_ids
+        self._available = self.node_ids
 
     # --- Flower's Grid interface -------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -57,19 +55,21 @@ class RayGrid(Grid):
 
     def get_node_ids(self) -> list[int]:
         """The nodes online now (all registered nodes unless `set_available` narrowed them)."""
-        available = self._available
-        return available.tolist() if isinstance(available, np.ndarray) else list(available)
+        return self._available.tolist()
 
     def set_available(self, node_ids: Sequence[int] | np.ndarray) -> None:
         """Let only `node_ids` be online (sampled by strategies) until the next call. Checked
         with array operations: a million nodes may be online."""
         ids = np.unique(np.asarray(node_ids, dtype=np.int64))
-        known = self._known_array
-        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
-        unknown = ids[known[at] != ids]
+        self._check_known(ids)
+        self._available = ids
+
+    def _check_known(self, ids: np.ndarray) -> None:
+        """Raise ValueError if some of the sorted `ids` is not a node of this grid."""
+        at = np.minimum(np.searchsorted(self.node_ids, ids), len(self.node_ids) - 1)
+        unknown = ids[self.node_ids[at] != ids]
         if len(unknown):
             raise ValueError(f"unknown node ids {unknown[:3].tolist()}")
-        self._available = ids
 
     def actor_of(self, node_id: int) -> int:
         """Index of the actor that serves node `node_id` (always the same one)."""
@@ -82,10 +82,10 @@ class RayGrid(Grid):
         per_actor_contents: dict[int, dict[int, ray.ObjectRef]] = {}
         ids_per_actor: dict[int, list[str]] = {}
         message_ids = []
+        messages = list(messages)
+        self._check_known(np.unique([m.metadata.dst_node_id for m in messages]).astype(np.int64))
         for message in messages:
             node_id = message.metadata.dst_node_id
-            if node_id not in self._known:
-                raise ValueError(f"message for unknown node id {node_id}")
             message_id = assign_message_id(message)
             message_ids.append(message_id)
             self._requests[message_id] = message

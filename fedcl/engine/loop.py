@@ -10,12 +10,10 @@ for each round r:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +40,8 @@ from fedcl.engine.observers import (
 from fedcl.engine.pool import init_ray, pool_size
 from fedcl.engine.replies import screen_replies
 from fedcl.engine.vectorize import resolve_vectorize
-from fedcl.errors import ConfigError, FedclError, StrategyError
-from fedcl.imports import load_object
+from fedcl.errors import FedclError, StrategyError
+from fedcl.imports import import_modules, load_object
 from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
@@ -113,7 +111,7 @@ def _simulate(
     arrays = ArrayRecord(new_model().state_dict())
     import_modules(cfg.imports)
     strategy = build_strategy(container["strategy"], cfg.clients.num)
-    extension = client_extension(strategy)
+    extension = strategy_calls.client_extension(strategy)
     load_object(cfg.client.app, what="client.app")
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     ensure_no_run_in(out_dir)
@@ -226,28 +224,6 @@ def _clients_per_round(cfg: DictConfig, strategy: Any) -> int:
     online = cfg.clients.num * cfg.clients.participation
     fraction = getattr(strategy, "fraction_train", 1.0)
     return max(1, math.ceil(online * (fraction if isinstance(fraction, float | int) else 1.0)))
-
-
-def import_modules(modules: Sequence[str]) -> None:
-    """Import the config's `imports` (user modules that register strategies), one-line errors."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"imports: cannot import module '{name}' ({exc})") from None
-
-
-def client_extension(strategy: Any) -> ClientExtension | None:
-    """The strategy's client half, checked to be a `ClientExtension` (or None)."""
-    if not isinstance(strategy, ContinualStrategy):
-        return None
-    extension = strategy_calls.call_strategy(strategy, "client_extension", 0)
-    if extension is not None and not isinstance(extension, ClientExtension):
-        raise StrategyError(
-            f"strategy {type(strategy).__name__}.client_extension returned "
-            f"{type(extension).__name__}, expected ClientExtension or None"
-        )
-    return extension
 
 
 def scenario_info(cfg: DictConfig, scenario: Scenario, num_classes: int) -> ScenarioInfo:

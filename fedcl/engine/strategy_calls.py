@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedcl.errors import StrategyError
+from fedcl.strategies.base import ClientExtension, ContinualStrategy
 
 
 def strategy_name(strategy: Any) -> str:
@@ -80,3 +81,14 @@ def arrays_hook(
 def notify(strategy: Any, hook: str, server_round: int, *args: Any) -> None:
     """Run a hook that returns nothing."""
     call_strategy(strategy, hook, server_round, *args)
+
+
+def client_extension(strategy: Any) -> ClientExtension | None:
+    """The strategy's client half (`ContinualStrategy.client_extension`), checked to be a
+    `ClientExtension` or None; None for a strategy without continual hooks."""
+    if not isinstance(strategy, ContinualStrategy):
+        return None
+    extension = call_strategy(strategy, "client_extension", 0)
+    if not (extension is None or isinstance(extension, ClientExtension)):
+        raise _wrong(strategy, "client_extension", 0, "ClientExtension or None", extension)
+    return extension
