@@ -137,6 +137,16 @@ class MomentumEWC(FedAvg, ContinualStrategy):
         self.velocity: dict[str, np.ndarray] = {}
         self.current: ArrayRecord | None = None
 
+    def state_dict(self) -> RecordDict:
+        """The server momentum v (the model sent in a round is set again by configure_train)."""
+        return RecordDict(
+            {"velocity": ArrayRecord({n: Array(np.asarray(v)) for n, v in self.velocity.items()})}
+        )
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Take back the state `state_dict` returned."""
+        self.velocity = {n: a.numpy() for n, a in state["velocity"].items()}
+
     def client_extension(self) -> ClientExtension:
         """The client half: the EWC training step."""
         return ClientExtension(handlers={TRAIN_EWC: train_ewc})

@@ -3,7 +3,8 @@
 The public API (everything else is private by convention):
 
 - `run(config, *overrides, out=None, progress=None, **values)` runs one experiment and returns a
-  `RunResult` (summary, per-round records, final global arrays, run folder, strategy).
+  `RunResult` (summary, per-round records, final global arrays, run folder, strategy);
+  `run(resume=RUN_DIR)` continues an interrupted run from its latest good checkpoint.
 - `ContinualStrategy`: the hooks a Flower strategy may add (task start/end per client and global,
   drift, deletion, run start), with `ScenarioInfo`, `DriftEvent` and `DeletionRequest`.
 - `ClientExtension`: a strategy's client half (query handlers, train extras), installed on every

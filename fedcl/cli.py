@@ -15,10 +15,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run an experiment config")
-    run.add_argument("config", help="experiment YAML (see simulations/)")
+    run.add_argument("config", nargs="?", help="experiment YAML (see simulations/)")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rounds=10")
     run.add_argument("--out", default=None, help="run folder (default: runs/<name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR from its latest good checkpoint (its config.yaml "
+        "gives the config); a run that completed is left as it is (exit 0)",
+    )
     strategies = commands.add_parser(
         "strategies", help="list the registered strategies and their arguments"
     )
@@ -45,8 +52,29 @@ def _run(args: argparse.Namespace) -> int:
     from fedcl.api import run
 
     progress = False if args.quiet else None
-    result = run(args.config, *args.overrides, out=args.out, progress=progress)
+    if args.resume is None and args.config is None:
+        raise FedclError("fedcl run needs an experiment config (or --resume RUN_DIR)")
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None:
+            raise FedclError(
+                "--resume takes the config from RUN_DIR/config.yaml: "
+                "give no config, overrides or --out with it"
+            )
+        from fedcl.engine.checkpoint import finished_summary
+
+        if finished_summary(args.resume) is not None:
+            print(f"fedcl: {args.resume} already finished; nothing to resume")
+            return 0
+    result = run(args.config, *args.overrides, out=args.out, progress=progress, resume=args.resume)
     summary = result.summary
+    if summary.get("status") == "failed":
+        # One line, as for user errors, but exit 1: the run itself went wrong, not its input.
+        print(
+            f"fedcl: error: run failed: {summary.get('error', 'see summary.json')}; "
+            f"run folder: {result.out_dir}",
+            file=sys.stderr,
+        )
+        return 1
     keys = ("acc", "bwt", "forgetting", "rounds", "wall_s", "client_updates_per_s")
     print(json.dumps({k: summary.get(k) for k in keys}))
     print(f"run folder: {result.out_dir}")
@@ -76,7 +104,9 @@ COMMANDS = {"run": _run, "strategies": _strategies, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fedcl` console script; user errors print one line and exit 2."""
+    """Entry point of the `fedcl` console script; user errors print one line and exit 2, a run
+    that failed (no client update aggregated in any round: `summary.json` says `status: failed`)
+    one line and exit 1; a Ctrl-C, at any moment, stops Ray, prints one line and exits 130."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow options (`fedcl run cfg --quiet rounds=3`).
@@ -91,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        pool = sys.modules.get("fedcl.engine.pool")  # imported before Ray could start
+        if pool is not None:
+            pool.shutdown_ray()  # before exiting: Ray's exit hook may crash an interrupted driver
         print("fedcl: interrupted", file=sys.stderr)
         return 130
 

@@ -7,13 +7,19 @@ one-line `ConfigError` naming the key and the valid choices. Two sections are op
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
+import io
+import math
+import re
+import typing
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedcl.errors import ConfigError
@@ -111,8 +117,31 @@ class EngineConfig:
     # Train an actor's clients of a round together (torch.func.vmap over stacked parameters):
     # on | off | auto (on where a quick probe of the model, on this machine, shows a gain).
     vectorize: str = "auto"
+    # FedAvg-family strategies: actors sum their clients' models and send one sum each
+    # (exact, the same with any number of actors); false sends every client's model.
+    sum_on_actors: bool = True
     timeout_s: float = 3600.0  # a round's replies are waited for this long
     start_timeout_s: float = 300.0  # actors must be placed and ready within this
+    # A dead actor is replaced and its unanswered calls sent again, at most this many times;
+    # past that, its clients of the call fail the round.
+    max_retries: int = 2
+
+
+@dataclass
+class ScreenConfig:
+    """What a client's train reply must satisfy to be aggregated (`fedcl.engine.replies`): besides
+    the fixed checks (the global model's array names, shapes and dtypes; finite values; a positive
+    weight), these bounds."""
+
+    # Refuse an update further from the global model than this multiple of the global model's norm
+    # (of 1, for a smaller model); null turns the bound off.
+    max_update_norm: float | None = 10.0
+    # Refuse a reply whose num-examples exceeds what the client holds in the round (its data plus
+    # a full replay buffer); turn off for a ClientApp that counts examples otherwise.
+    check_examples: bool = True
+    # How many refused replies a round tolerates: past it, none of the round's replies is
+    # aggregated (the round counts as one without updates). null: any number.
+    max_rejected: int | None = None
 
 
 @dataclass
@@ -125,9 +154,16 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints of global arrays, strategy and client state; `every: 0` turns them off."""
+    """The run's latest complete state (global arrays, strategy, client states), kept in
+    `checkpoints/` for `fedcl run --resume`. Written after a round when `every` rounds have
+    passed, unless the last checkpoint took more than `max_overhead` of the time since it (so
+    big runs, whose checkpoints are slow, write them less often); or when `every_s` seconds have
+    passed since the last one. 0 turns a rule off; `every: 0` and `every_s: 0`: no checkpoints."""
 
-    every: int = 0
+    every: int = 1
+    every_s: float = 0.0
+    max_overhead: float = 0.1  # share of the run's time checkpoints by `every` may take; 0: any
+    keep: int = 2  # the newest checkpoints kept (an older one serves if the newest is damaged)
 
 
 @dataclass
@@ -161,6 +197,7 @@ class FedclConfig:
     generate: list[dict[str, Any]] = field(default_factory=list)
     client: ClientConfig = field(default_factory=ClientConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -182,7 +219,8 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     parent, _, leaf = key.rpartition(".")
     valid = _valid_keys(schema, parent)
-    if leaf and valid and leaf not in valid:
+    # A list entry's key ends in its index (`model.hidden[0]`): the key itself is known.
+    if leaf and valid and leaf.partition("[")[0] not in valid:
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
         where = f"under '{parent}'" if parent else "at the top level"
@@ -200,42 +238,238 @@ def load_config(
     """Load an experiment (YAML path, mapping or config) over the defaults, apply `key=value`
     overrides and then `values` (dotted key -> Python value), validate and resolve it.
 
-    Raises `ConfigError` (one line) for a missing file, an unknown key, a bad value or a malformed
+    Raises `ConfigError` (one line) for a missing or unreadable file, a file that is not a
+    mapping of keys (a list, a scalar, nothing), an unknown key, a bad value or a malformed
     override; nothing is created on disk.
+
+    Values taken from the environment (`${oc.env:NAME}`, and interpolations of such values) stay
+    interpolations in the returned config: reading a key gives the value and `to_container`
+    resolves them, but `to_yaml`, which writes the run folder's config.yaml, keeps
+    `${oc.env:NAME}`, so a secret passed through the environment never reaches the disk, and a
+    run re-started (or resumed) from that config.yaml reads the environment again.
     """
     schema = default_config()
     layers: list[Any] = []
     if isinstance(source, Mapping):
         layers.append(OmegaConf.create(dict(source)))
     elif source is not None:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as exc:  # yaml errors come in several types
-            raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+        layers.append(_read_file(Path(source)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            layers.append(_parse_override(item))
         if values:
             layer = OmegaConf.create()
             for key, value in values.items():
                 OmegaConf.update(layer, key, value, force_add=True)
             layers.append(layer)
+        for layer in layers:
+            _check_shape(layer, schema)
         cfg = OmegaConf.merge(schema, *layers)
+        written = OmegaConf.to_container(cfg, resolve=False)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
+    except (TypeError, ValueError) as exc:  # e.g. merging a list into a section
+        raise ConfigError(f"bad config: {_first_line(exc)}") from None
+    _keep_env_interpolations(cfg, written)
     # YAML reads a bare on/off as a boolean.
-    cfg.engine.vectorize = {"True": "on", "False": "off"}.get(
-        cfg.engine.vectorize, cfg.engine.vectorize
-    )
+    if cfg.engine.vectorize in ("True", "False"):
+        cfg.engine.vectorize = {"True": "on", "False": "off"}[cfg.engine.vectorize]
     validate(cfg)
     return cfg
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _kind(document: Any) -> str:
+    names = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(document), f"a {type(document).__name__}")
+
+
+def _read_file(path: Path) -> DictConfig:
+    """The config file at `path` as a config; one-line `ConfigError` unless it is a YAML mapping."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        # PyYAML for the document's shape only: OmegaConf's loader reads a scalar document as a
+        # YAML text again (a file holding `hello` would become the key 'hello').
+        document = yaml.safe_load(text)
+        if isinstance(document, dict):
+            return OmegaConf.load(io.StringIO(text))  # type: ignore[return-value]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"cannot parse {path}: {_first_line(exc)}") from None
+    what = "is empty" if document is None else f"holds {_kind(document)}"
+    raise ConfigError(
+        f"config file {path} {what}; a config is a mapping of keys (e.g. 'rounds: 10')"
+    )
+
+
+# Keys holding a list of mappings (one per event or generator).
+_LISTS_OF_MAPPINGS = ("events", "generate")
+
+
+def _check_shape(layer: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Refuse, naming the key, a scalar where the schema has a section (`train=5`) or a list
+    (`model.hidden=5`), and a non-mapping in a list of mappings (`events=[5]`): OmegaConf's own
+    errors name no key, or say it in its terms."""
+    for key in layer:
+        if key not in schema or OmegaConf.is_interpolation(layer, key):
+            continue
+        value, expected = layer[key], schema[key]
+        name = f"{prefix}{key}"
+        if isinstance(expected, DictConfig) and value is not None:
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{name} must be a mapping of keys, got {value!r}")
+            _check_shape(value, expected, f"{name}.")
+        elif isinstance(expected, ListConfig) and value is not None:
+            if not isinstance(value, ListConfig):
+                raise ConfigError(f"{name} must be a list, got {value!r}")
+            bad = [i for i, item in enumerate(value) if not isinstance(item, DictConfig)]
+            if name in _LISTS_OF_MAPPINGS and bad:
+                raise ConfigError(
+                    f"{name}[{bad[0]}] must be a mapping like {{kind: join, ...}}, "
+                    f"got {value[bad[0]]!r}"
+                )
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One `key=value` override as a config layer; its value is read as YAML."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override '{item}': cannot parse its value ({_first_line(exc)})"
+        ) from None
+
+
+def _interpolations(node: DictConfig | ListConfig, written: Any) -> Iterator[tuple[Any, Any, str]]:
+    """(container, key, text) of every interpolation in `written` (the unresolved config as plain
+    containers), found in `node`, the same config."""
+    items = written.items() if isinstance(written, dict) else enumerate(written)
+    for key, value in items:
+        if isinstance(value, str) and "${" in value:
+            yield node, key, value
+        elif isinstance(value, dict | list):
+            yield from _interpolations(node[key], value)
+
+
+def _keep_env_interpolations(cfg: DictConfig, written: Any) -> None:
+    """Put back, as interpolations, the resolved values that came from the environment: those
+    whose interpolation reads it (`oc.env`) or whose value holds a value read from it."""
+    found = list(_interpolations(cfg, written))
+    secrets = {str(node[key]) for node, key, text in found if "oc.env" in text}
+    for node, key, text in found:
+        # Conservative: any value that contains an environment value is kept unresolved.
+        if "oc.env" in text or any(s and s in str(node[key]) for s in secrets):
+            node[key] = text
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric key: `low` and `high` (None: unbounded), each included
+    unless `low_open` / `high_open`. Floats must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        """Whether `value` lies in the range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_1 = Bound(1)
+NON_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, low_open=True)
+UNIT = Bound(0, 1)  # a share that may be 0
+SHARE = Bound(0, 1, low_open=True)  # a share that must leave something
+
+# Every numeric key of the schema and its range (a list key: each of its entries). A key set to
+# null where the schema allows it is not checked. tests/test_bad_input.py checks that every
+# numeric key of the schema is listed here.
+RANGES: dict[str, Bound] = {
+    "seed": NON_NEGATIVE,
+    "rounds": AT_LEAST_1,
+    "scenario.num_tasks": AT_LEAST_1,
+    "scenario.class_order": NON_NEGATIVE,
+    "scenario.stream": NON_NEGATIVE,
+    "scenario.rounds_per_task": AT_LEAST_1,
+    "scenario.async_start": NON_NEGATIVE,
+    "scenario.async_rounds_per_task": AT_LEAST_1,
+    "scenario.blurry": UNIT,
+    "scenario.blurry_rounds": AT_LEAST_1,
+    "clients.num": AT_LEAST_1,
+    "clients.participation": SHARE,
+    "clients.alpha": POSITIVE,
+    "clients.shards_per_client": AT_LEAST_1,
+    "model.hidden": AT_LEAST_1,
+    "model.channels": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.momentum": Bound(0, 1, high_open=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.max_steps": AT_LEAST_1,
+    "train.replay_size": NON_NEGATIVE,
+    "engine.num_actors": AT_LEAST_1,
+    "engine.num_cpus_per_actor": NON_NEGATIVE,
+    "engine.num_gpus_per_actor": NON_NEGATIVE,
+    "engine.torch_threads": AT_LEAST_1,
+    "engine.timeout_s": POSITIVE,
+    "engine.start_timeout_s": POSITIVE,
+    "engine.max_retries": NON_NEGATIVE,
+    "screen.max_update_norm": POSITIVE,
+    "screen.max_rejected": NON_NEGATIVE,
+    "eval.batch_size": AT_LEAST_1,
+    "checkpoint.every": NON_NEGATIVE,
+    "checkpoint.every_s": NON_NEGATIVE,
+    "checkpoint.keep": AT_LEAST_1,
+    "checkpoint.max_overhead": UNIT,
+}
+
+
+def numeric_keys() -> dict[str, bool]:
+    """Every key of the schema that holds a number or a list of numbers, with whether it may
+    be null."""
+    found: dict[str, bool] = {}
+
+    def visit(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                visit(hint, f"{prefix}{f.name}.")
+                continue
+            args = typing.get_args(hint)
+            nullable = type(None) in args
+            inner = next((a for a in args if a is not type(None)), hint) if nullable else hint
+            if typing.get_origin(inner) is list:
+                inner = typing.get_args(inner)[0]
+            if inner in (int, float):
+                found[prefix + f.name] = nullable
+
+    visit(FedclConfig, "")
+    return found
 
 
 def _check(condition: bool, message: str) -> None:
@@ -243,50 +477,57 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_ranges(cfg: DictConfig) -> None:
+    nullable = numeric_keys()
+    for key, bound in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        is_list = isinstance(value, ListConfig)
+        entries = list(value) if is_list else [value]
+        if all(bound.holds(v) for v in entries):
+            continue
+        what, shown = (f"{key} entries", entries) if is_list else (key, value)
+        null = " or null" if nullable.get(key) and not is_list else ""
+        finite = all(not isinstance(v, float) or math.isfinite(v) for v in entries)
+        number = "" if finite else "a finite number "
+        raise ConfigError(f"{what} must be {number}{bound}{null}, got {shown}")
+
+
+# What Ray's `address` takes: a running cluster found by Ray, a new local one, host:port, or a
+# Ray Client URL.
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|[^\s:/]+:\d{1,5}")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check cross-key constraints the schema cannot express; raise `ConfigError` on failure."""
-    _check(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
-    _check(cfg.clients.num >= 1, f"clients.num must be >= 1, got {cfg.clients.num}")
-    _check(
-        cfg.scenario.num_tasks >= 1,
-        f"scenario.num_tasks must be >= 1, got {cfg.scenario.num_tasks}",
-    )
+    """Check every numeric key's range (`RANGES`) and the constraints between keys; raise a
+    one-line `ConfigError` naming the key on the first failure."""
+    _check_ranges(cfg)
     _check(
         cfg.scenario.num_tasks <= cfg.rounds,
         f"scenario.num_tasks ({cfg.scenario.num_tasks}) must not exceed rounds ({cfg.rounds})",
     )
-    rpt = cfg.scenario.rounds_per_task
-    _check(rpt is None or rpt >= 1, f"scenario.rounds_per_task must be >= 1, got {rpt}")
-    _check(cfg.scenario.async_start >= 0, "scenario.async_start must be >= 0")
+    span = cfg.scenario.async_rounds_per_task
     _check(
-        0 <= cfg.scenario.blurry <= 1,
-        f"scenario.blurry must be in [0, 1], got {cfg.scenario.blurry}",
+        span is None or (len(span) == 2 and span[0] <= span[1]),
+        f"scenario.async_rounds_per_task must be [low, high] with low <= high, got "
+        f"{list(span) if span is not None else None}",
     )
-    _check(cfg.scenario.blurry_rounds >= 1, "scenario.blurry_rounds must be >= 1")
-    participation = cfg.clients.participation
-    _check(0 < participation <= 1, f"clients.participation must be in (0, 1], got {participation}")
-    _check(
-        cfg.train.replay_size >= 0, f"train.replay_size must be >= 0, got {cfg.train.replay_size}"
-    )
-    _check(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    _check(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-    _check(cfg.train.lr > 0, f"train.lr must be > 0, got {cfg.train.lr}")
-    num_actors = cfg.engine.num_actors
-    _check(
-        num_actors is None or num_actors >= 1, f"engine.num_actors must be >= 1, got {num_actors}"
-    )
-    _check(cfg.engine.num_cpus_per_actor >= 0, "engine.num_cpus_per_actor must be >= 0")
-    _check(cfg.engine.num_gpus_per_actor >= 0, "engine.num_gpus_per_actor must be >= 0")
     _check(
         cfg.engine.num_cpus_per_actor > 0 or cfg.engine.num_gpus_per_actor > 0,
         "an actor needs some resource: set engine.num_cpus_per_actor or "
         "engine.num_gpus_per_actor > 0",
     )
+    address = cfg.engine.ray_address
+    _check(
+        address is None or _RAY_ADDRESS.fullmatch(address) is not None,
+        "engine.ray_address must be auto, local, host:port or ray://host:port (null: start a "
+        f"local Ray), got '{address}'",
+    )
     _check(
         cfg.engine.vectorize in VECTORIZE,
         f"unknown engine.vectorize '{cfg.engine.vectorize}'; valid: {', '.join(VECTORIZE)}",
     )
-    _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _check(":" in cfg.client.app, f"client.app must be 'module:attribute', got '{cfg.client.app}'")
     strategy = cfg.strategy
     _check(
@@ -296,8 +537,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """Return the fully resolved config as YAML text."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """Return the config as YAML text, as a run folder's config.yaml keeps it: resolved, except
+    the values `load_config` keeps as interpolations because they come from the environment
+    (written as `${oc.env:NAME}`, never as the value)."""
+    return OmegaConf.to_yaml(cfg, resolve=False)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

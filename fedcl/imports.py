@@ -10,8 +10,9 @@ from typing import Any
 from fedcl.errors import ConfigError
 
 
-def load_object(path: str, *, what: str) -> Any:
-    """Import and return the object at `path` ('pkg.mod:attr' or 'pkg.mod.attr')."""
+def load_object(path: str, *, what: str, expect: type | None = None) -> Any:
+    """Import and return the object at `path` ('pkg.mod:attr' or 'pkg.mod.attr'); with `expect`,
+    only an instance of that class. Raises a one-line `ConfigError` naming `what` otherwise."""
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
@@ -19,14 +20,20 @@ def load_object(path: str, *, what: str) -> Any:
         raise ConfigError(f"{what} '{path}' is not an import path like 'package.module:name'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    # TypeError and ValueError: a relative or malformed name ('.mod', 'a..b').
+    except (ImportError, TypeError, ValueError) as exc:
         raise ConfigError(
             f"{what} '{path}': cannot import module '{module_name}' ({exc})"
         ) from None
     try:
-        return getattr(module, attr)
+        found = getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"{what} '{path}': module '{module_name}' has no '{attr}'") from None
+    if expect is not None and not isinstance(found, expect):
+        raise ConfigError(
+            f"{what} '{path}' is not a {expect.__qualname__} (it is a {type(found).__name__})"
+        )
+    return found
 
 
 def import_modules(modules: Sequence[str]) -> None:
@@ -34,5 +41,5 @@ def import_modules(modules: Sequence[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError as exc:
+        except (ImportError, TypeError, ValueError) as exc:
             raise ConfigError(f"imports: cannot import module '{name}' ({exc})") from None

@@ -16,6 +16,7 @@ and answers messages by calling the ClientApp directly, node after node (node id
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -77,6 +78,7 @@ class InProcessGrid(Grid):
         self._run = make_run(11)
         self.node_ids = [node_id_of(c) for c in range(self.cfg.clients.num)]
         self.contexts: dict[int, Context] = {}
+        self._timed_out: list[int] = []
 
     def new_model(self):
         """A model of the run's architecture with the run's initial weights."""
@@ -116,7 +118,12 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        """Run the ClientApp on each message (on a copy of its content); replies in order."""
+        """Run the ClientApp on each message (on a copy of its content); replies in order.
+
+        A reply finished more than `timeout` s after the call began is dropped, as a Ray grid
+        drops late replies, and its node is kept for `take_timed_out`; the ClientApp still ran
+        (its node's state changed), as it does on an actor."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         replies = []
         for message in messages:
             assign_message_id(message)
@@ -137,8 +144,16 @@ class InProcessGrid(Grid):
             # As fedcl's actors do: each handler gets its own copy of the content.
             reply = self.app(make_message(message.metadata, own_copy(message.content)), context)
             assign_message_id(reply)
+            if deadline is not None and time.monotonic() > deadline:
+                self._timed_out.append(node_id)
+                continue
             replies.append(reply)
         return replies
+
+    def take_timed_out(self) -> list[int]:
+        """The nodes whose replies came too late since the last call (they were dropped)."""
+        timed_out, self._timed_out = self._timed_out, []
+        return timed_out
 
     def close(self) -> None:
         """Uninstall the client runtime from this process; restore torch's thread count."""

@@ -16,7 +16,15 @@ from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -157,6 +165,23 @@ class ContinualStrategy:
 
     scenario: ScenarioInfo | None = None
 
+    def state_dict(self) -> RecordDict:
+        """The strategy's state as plain Flower records, for checkpoints: what `load_state_dict`
+        needs to continue, on a strategy built from the same config, exactly where this one is.
+
+        The default (`attribute_state`) takes every instance attribute that is None, a scalar, a
+        string, a numpy array, an ArrayRecord, or a list or dict of those, except `scenario`
+        (given again by `on_run_start`) and callables (constructor arguments). Override both
+        methods when the state holds anything else; raise NotImplementedError (with the reason)
+        when it cannot be saved: checkpoints then say so, and a resume is refused.
+        """
+        return attribute_state(self, exclude=("scenario",))
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Take back the state `state_dict` returned (called after `on_run_start`, before the
+        first resumed round)."""
+        load_attribute_state(self, state)
+
     def client_extension(self) -> ClientExtension | None:
         """The client half this strategy needs installed on every actor (None: nothing)."""
         return None
@@ -199,3 +224,111 @@ class ContinualStrategy:
         """Before round `deletion.server_round`, from which the data is gone from the clients;
         an unlearning strategy removes its contribution here and may return new arrays."""
         return None
+
+
+_ATTRIBUTES = "attributes"  # ConfigRecord: scalar and scalar-list attributes
+_KINDS = "attribute-kinds"  # ConfigRecord: how each other attribute is stored
+_ARRAYS = "attribute."  # ArrayRecord per array-valued attribute: "attribute.<name>"
+_SCALARS = (bool, int, float, str, bytes)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as its Python value; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_scalar_list(value: Any) -> bool:
+    items = [_plain(v) for v in value]
+    return len({type(v) for v in items}) <= 1 and all(isinstance(v, _SCALARS) for v in items)
+
+
+def attribute_state(obj: Any, exclude: Iterable[str] = ()) -> RecordDict:
+    """`obj`'s instance attributes as plain records (arrays and scalars, no pickled objects).
+
+    Takes None, scalars, strings, bytes, numpy arrays, ArrayRecords, lists or tuples of scalars
+    or of arrays, and dicts with string keys of arrays or of scalars; skips callables and the
+    names in `exclude`. Raises NotImplementedError naming the first attribute of another type.
+    Stock Flower strategies (FedAvg, FedAdam's moments, FedAvgM's momentum, ...) are saved this
+    way; `load_attribute_state` sets the attributes back.
+    """
+    scalars: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    state = RecordDict()
+    skipped = set(exclude)
+    for name, value in vars(obj).items():
+        value = _plain(value)
+        if name in skipped or (callable(value) and not isinstance(value, ArrayRecord)):
+            continue
+        if value is None:
+            kinds[name] = "none"
+        elif isinstance(value, _SCALARS):
+            scalars[name] = value
+        elif isinstance(value, list | tuple) and _is_scalar_list(value):
+            scalars[name] = [_plain(v) for v in value]
+            kinds[name] = type(value).__name__
+        elif isinstance(value, np.ndarray):
+            state[_ARRAYS + name] = ArrayRecord({"value": Array(value)})
+            kinds[name] = "ndarray"
+        elif isinstance(value, ArrayRecord):
+            state[_ARRAYS + name] = ArrayRecord(dict(value.items()))
+            kinds[name] = "ArrayRecord"
+        elif isinstance(value, list | tuple) and all(isinstance(v, np.ndarray) for v in value):
+            state[_ARRAYS + name] = ArrayRecord({str(i): Array(v) for i, v in enumerate(value)})
+            kinds[name] = f"ndarray-{type(value).__name__}"
+        elif (
+            isinstance(value, dict)
+            and all(isinstance(k, str) for k in value)
+            and all(isinstance(v, np.ndarray) for v in value.values())
+        ):
+            state[_ARRAYS + name] = ArrayRecord({k: Array(v) for k, v in value.items()})
+            kinds[name] = "ndarray-dict"
+        elif (
+            isinstance(value, dict)
+            and all(isinstance(k, str) for k in value)
+            and all(
+                isinstance(_plain(v), _SCALARS) or (isinstance(v, list) and _is_scalar_list(v))
+                for v in value.values()
+            )
+        ):
+            state[_ARRAYS + name] = ConfigRecord(
+                {
+                    k: [_plain(i) for i in v] if isinstance(v, list) else _plain(v)
+                    for k, v in value.items()
+                }
+            )
+            kinds[name] = "scalar-dict"
+        else:
+            raise NotImplementedError(
+                f"{type(obj).__name__}.{name} holds a {type(value).__name__}, which a checkpoint "
+                "cannot store as arrays or scalars; give the strategy state_dict() and "
+                "load_state_dict()"
+            )
+    state[_ATTRIBUTES] = ConfigRecord(scalars)
+    state[_KINDS] = ConfigRecord(kinds)
+    return state
+
+
+def load_attribute_state(obj: Any, state: RecordDict) -> None:
+    """Set the attributes `attribute_state` took back on `obj` (arrays as numpy copies)."""
+    for name, value in state[_ATTRIBUTES].items():
+        setattr(obj, name, value)
+    for name, kind in state[_KINDS].items():
+        if kind == "none":
+            setattr(obj, name, None)
+        elif kind == "tuple":
+            setattr(obj, name, tuple(state[_ATTRIBUTES][name]))
+        elif kind == "list":
+            continue
+        elif kind == "scalar-dict":
+            setattr(obj, name, dict(state[_ARRAYS + name].items()))
+        elif kind == "ArrayRecord":
+            setattr(obj, name, ArrayRecord(dict(state[_ARRAYS + name].items())))
+        else:
+            arrays = {key: array.numpy() for key, array in state[_ARRAYS + name].items()}
+            if kind == "ndarray":
+                setattr(obj, name, arrays["value"])
+            elif kind == "ndarray-dict":
+                setattr(obj, name, arrays)
+            else:  # ndarray-list, ndarray-tuple
+                values = list(arrays.values())
+                setattr(obj, name, tuple(values) if kind == "ndarray-tuple" else values)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from flwr.app import Array
 
 from fedcl.engine.flower_compat import decoded
-from fedcl.npy import npy_values
+from fedcl.npy import array_of, npy_values
 
 ARRAYS = [
     np.random.default_rng(0).random((256, 256), dtype=np.float32),
@@ -31,3 +33,22 @@ def test_fast_decoding_equals_flowers(values):
     held = decoded(array)
     np.testing.assert_array_equal(held.numpy(), slow)
     assert not held.numpy().flags.writeable and held.data == array.data
+
+
+@pytest.mark.parametrize("values", ARRAYS, ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_fast_writing_equals_flowers(values):
+    made, flowers = array_of(values), Array(values)
+    assert (made.dtype, made.shape, made.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+    np.testing.assert_array_equal(
+        Array(made.dtype, made.shape, made.stype, made.data).numpy(), values
+    )
+    if values.flags.c_contiguous:
+        assert made.data == flowers.data
+
+
+def test_a_decoded_array_leaves_the_process_as_a_plain_flower_array():
+    values = ARRAYS[0]
+    travelled = pickle.loads(pickle.dumps(array_of(values)))
+    assert type(travelled) is Array
+    np.testing.assert_array_equal(travelled.numpy(), values)
+    assert travelled.object_id == Array(values).object_id

@@ -118,6 +118,9 @@ def fedcl_config(workload: Workload, num_actors: int | None) -> dict[str, Any]:
         },
         "engine": {"num_actors": num_actors},
         "log": {"progress": False, "trained_samples": False},
+        # Neither reference loop nor Flower keeps resumable state; fedcl's checkpoints (on by
+        # default, held to checkpoint.max_overhead of the run time) are left out of the race.
+        "checkpoint": {"every": 0, "every_s": 0},
     }
 
 

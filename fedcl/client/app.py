@@ -11,13 +11,12 @@ per-client state across rounds; it lives on the actor the node is pinned to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -28,7 +27,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcl.client import replay
-from fedcl.client.messages import client_of, single_record
+from fedcl.client.messages import client_of, single_record, to_array_record
 from fedcl.client.runtime import ClientRuntime, current_runtime
 from fedcl.client.training import TrainStats, accuracy, train_local
 from fedcl.client.vectorized import ClientBatchData, train_clients_vectorized
@@ -47,6 +46,8 @@ from fedcl.scenario.scenario import ClientView
 from fedcl.seeding import derive_seed
 
 app = ClientApp()
+# The keys of `Context.state` the default ClientApp writes; `rebuild_state` recreates them all.
+REBUILT_KEYS = (STATE_KEY, replay.BUFFER_KEY, replay.STATS_KEY)
 
 
 def bump_train_count(context: Context) -> int:
@@ -84,9 +85,14 @@ class TrainJob:
 def prepare(msg: Message, context: Context) -> TrainJob:
     """The client's data of the round (current task, deletions removed, its concept, plus its
     replay buffer purged of deleted samples) and the seeds and settings of its training."""
-    runtime = current_runtime()
     config = single_record(msg.content.config_records, "ConfigRecord")
-    client, server_round = client_of(context), int(config[SERVER_ROUND])
+    return _job(context, config, int(config[SERVER_ROUND]))
+
+
+def _job(context: Context, config: ConfigRecord, server_round: int) -> TrainJob:
+    """`prepare` for a round given by number (`rebuild_state` has no message)."""
+    runtime = current_runtime()
+    client = client_of(context)
     scenario = runtime.scenario
     task = scenario.task_of(client, server_round)
     extra_ids, extra_tasks = None, None
@@ -121,18 +127,13 @@ def reply(
     other clients in one batch), audit ids and the strategy's train extras; also offers the
     round's samples to the client's replay buffer."""
     runtime = current_runtime()
-    train_cfg = runtime.config["train"]
     view = job.view
-    if train_cfg["replay_size"] > 0:
-        current = view.ids[view.tasks == job.task]
-        rng = np.random.default_rng(derive_seed(runtime.seed, "replay", job.client, job.task))
-        replay.offer(context, current, job.task, train_cfg["replay_size"], rng)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(view.y),
             "train-loss": stats.loss,
             "train-steps": stats.steps,
-            "train-count": bump_train_count(context),
+            "train-count": record_training(context, job),
             TASK: job.task,
             "train-vectorized": int(vectorized),
         }
@@ -140,7 +141,7 @@ def reply(
     used = view.ids[stats.rows_used].astype("<i8")
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.state_dict()),
+            ARRAYS: to_array_record(model.state_dict()),
             METRICS: metrics,
             AUDIT_KEY: ConfigRecord({AUDIT_SAMPLE_IDS: used.tobytes()}),
         }
@@ -150,6 +151,27 @@ def reply(
             for name, record in extra(model, view.x, view.y, job.config, context).items():
                 content[name] = record
     return Message(content, reply_to=msg)
+
+
+def record_training(context: Context, job: TrainJob) -> int:
+    """What training in `job`'s round leaves in the node's state: the round's samples of the
+    current task offered to the replay buffer, the train count bumped; return the new count."""
+    runtime = current_runtime()
+    capacity = runtime.config["train"]["replay_size"]
+    if capacity > 0:
+        current = job.view.ids[job.view.tasks == job.task]
+        rng = np.random.default_rng(derive_seed(runtime.seed, "replay", job.client, job.task))
+        replay.offer(context, current, job.task, capacity, rng)
+    return bump_train_count(context)
+
+
+def rebuild_state(context: Context, rounds: Iterable[int]) -> None:
+    """Bring the node's state (`REBUILT_KEYS`) from what it was before `rounds` (ascending) to
+    what training in each of them left, without training: the state is a function of the rounds
+    a client trained in (`prepare`'s replay purge, then `record_training`), so the result equals
+    the state of a client that trained. Used for clients whose actor died."""
+    for server_round in rounds:
+        record_training(context, _job(context, ConfigRecord(), server_round))
 
 
 def sgd_settings(runtime: ClientRuntime) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from torch import nn
 
 from fedcl.client.runtime import ClientRuntime, current_runtime
+from fedcl.npy import array_of, array_record_of
 from fedcl.protocol import PARTITION_ID, SERVER_ROUND, TASK
 
 
@@ -35,10 +36,11 @@ def model_record(msg: Message, exclude: Collection[str] = ()) -> ArrayRecord:
 
 
 def to_array_record(tensors: Mapping[str, Any]) -> ArrayRecord:
-    """An ArrayRecord of contiguous numpy copies of `tensors` (torch tensors or numpy arrays)."""
-    return ArrayRecord(
+    """An ArrayRecord of numpy copies of `tensors` (torch tensors or numpy arrays), in Flower's
+    .npy format."""
+    return array_record_of(
         {
-            name: Array(np.ascontiguousarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t))
+            name: array_of(t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t))
             for name, t in tensors.items()
         }
     )

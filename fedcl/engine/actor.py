@@ -1,9 +1,12 @@
-"""The long-lived Ray actor that runs the ClientApp for the virtual clients pinned to it."""
+"""The long-lived Ray actor that runs the ClientApp for the virtual clients pinned to it, and the
+factory that starts the run's actors (and any replacement of a dead one) all alike."""
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,11 +15,16 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message.message import make_message
 from flwr.common import MessageType
+from threadpoolctl import threadpool_limits
 
-from fedcl.client.app import train_vectorized
+from fedcl.client.app import rebuild_state, train_vectorized
 from fedcl.client.runtime import ClientRuntime, set_runtime
 from fedcl.config import DEFAULT_APP
 from fedcl.engine.flower_compat import assign_message_id, error_reply, own_copy, partition_of
+from fedcl.engine.record_codec import encode_records
+from fedcl.engine.replies import limits_per_node
+from fedcl.engine.summation import ArraySum, SumPlan, sum_replies
+from fedcl.errors import FedclError
 from fedcl.imports import load_object
 from fedcl.scenario.scenario import Scenario
 from fedcl.strategies.base import ClientExtension
@@ -46,6 +54,8 @@ class ClientActor:
         extension: ClientExtension | None = None,
     ) -> None:
         torch.set_num_threads(config["engine"]["torch_threads"])
+        # numpy's BLAS too: its idle threads spin on cores the other actors are computing on.
+        threadpool_limits(limits=config["engine"]["torch_threads"])
         if not config["log"]["verbose"]:
             logging.getLogger("flwr").setLevel(logging.WARNING)
         extension = extension or ClientExtension()
@@ -67,6 +77,7 @@ class ClientActor:
         )
         self.warned = False
         self.run_id = run_id
+        self.config, self.scenario = config, scenario
         self.num_partitions = scenario.num_clients
         self.run_config = _flat_scalars(config)
         self.contexts: dict[int, Context] = {}
@@ -91,9 +102,13 @@ class ClientActor:
         return self.contexts[node_id]
 
     def handle(
-        self, batch: list[tuple[Any, int]], contents: dict[int, ray.ObjectRef]
-    ) -> list[Message]:
-        """Run the ClientApp on each (metadata, content key) in order; return one reply per message.
+        self,
+        batch: list[tuple[Any, int]],
+        contents: dict[int, ray.ObjectRef],
+        plan: SumPlan | None = None,
+    ) -> list[Message] | tuple[list[Message], ArraySum]:
+        """Run the ClientApp on each (metadata, content key) in order; return one reply per message
+        (with `plan`: and the sum of the train replies it could sum, which became stubs).
 
         `contents` holds each distinct message content once (strategies send one shared RecordDict
         to all sampled nodes); each message gets its own copy (`own_copy`: the array bytes are
@@ -111,7 +126,11 @@ class ClientActor:
         for i, message in enumerate(messages):
             if i not in replies:
                 replies[i] = self._run_app(message)
-        return [replies[i] for i in range(len(messages))]
+        ordered = [replies[i] for i in range(len(messages))]
+        if plan is None:
+            return ordered
+        limits = limits_per_node(self.config, self.scenario, plan.server_round, plan.weight_key)
+        return sum_replies(messages, ordered, plan, limits)
 
     def _run_app(self, message: Message) -> Message:
         """The ClientApp's reply to `message`; a client's failure becomes an Error reply."""
@@ -145,6 +164,27 @@ class ClientActor:
         """Every node's `Context.state` (for checkpoints)."""
         return {node_id: ctx.state for node_id, ctx in self.contexts.items()}
 
+    def export_state_arrays(self) -> dict[str, np.ndarray]:
+        """`export_states` encoded as plain arrays (`fedcl.engine.record_codec`), here on the
+        actor: the actors encode in parallel, and a checkpoint moves numpy buffers, not records."""
+        return encode_records(self.export_states())
+
+    def import_states(self, states: Mapping[int, RecordDict]) -> None:
+        """Make `states[node]` the `Context.state` of each node (a resume from a checkpoint);
+        the other nodes keep theirs."""
+        for node_id, state in states.items():
+            self.context(int(node_id)).state = state
+
+    def restore_states(
+        self, states: Mapping[int, RecordDict], trained: Mapping[int, Sequence[int]]
+    ) -> None:
+        """Take over the nodes of a dead actor: `states[node]` becomes the node's state, then the
+        default ClientApp's part of it is brought forward over the rounds `trained[node]` the node
+        trained in since (`fedcl.client.app.rebuild_state`)."""
+        self.import_states(states)
+        for node_id, rounds in trained.items():
+            rebuild_state(self.context(int(node_id)), rounds)
+
 
 def _flat_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, bool | float | int | str]:
     """The config as Flower `run_config`: dotted keys, scalar values only."""
@@ -159,3 +199,77 @@ def _flat_scalars(config: dict[str, Any], prefix: str = "") -> dict[str, bool | 
 
 
 RemoteClientActor = ray.remote(ClientActor)
+
+
+@dataclass(frozen=True)
+class ActorFactory:
+    """What every client actor of a run is started with, kept so that a dead actor can be
+    replaced by one started exactly as the first ones were (same config, same object-store copy
+    of the scenario and data, same strategy client half)."""
+
+    config: dict[str, Any]  # the resolved config as plain containers
+    data_refs: tuple[ray.ObjectRef, ray.ObjectRef, ray.ObjectRef]  # scenario, x_train, y_train
+    input_shape: tuple[int, ...]
+    num_classes: int
+    run_id: int
+    extension: ClientExtension | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: dict[str, Any],
+        scenario: Scenario,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        run_id: int,
+        extension: ClientExtension | None = None,
+    ) -> ActorFactory:
+        """A factory whose actors share one object-store copy of `scenario` and the data."""
+        refs = (ray.put(scenario), ray.put(x_train), ray.put(y_train))
+        return cls(config, refs, tuple(input_shape), num_classes, run_id, extension)
+
+    def start(self, count: int) -> list[ray.actor.ActorHandle]:
+        """Start `count` actors and wait until all are ready.
+
+        Raises `FedclError` (one line) when Ray cannot place them within
+        `engine.start_timeout_s` or one fails to start; none of them is left running then.
+        """
+        engine = self.config["engine"]
+        options = {
+            "num_cpus": engine["num_cpus_per_actor"],
+            "num_gpus": engine["num_gpus_per_actor"],
+        }
+        actors = [
+            RemoteClientActor.options(**options).remote(
+                self.config,
+                *self.data_refs,
+                self.input_shape,
+                self.num_classes,
+                self.run_id,
+                self.extension,
+            )
+            for _ in range(count)
+        ]
+        timeout = engine["start_timeout_s"]
+        try:
+            ray.get([actor.ready.remote() for actor in actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            kill_actors(actors)
+            raise FedclError(
+                f"the {count} client actors were not ready within engine.start_timeout_s="
+                f"{timeout:g} s: Ray could not place them (other jobs holding CPUs/GPUs? see "
+                "`ray status`) or they start slowly"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            kill_actors(actors)
+            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise FedclError(f"client actors failed to start: {cause}") from None
+        return actors
+
+
+def kill_actors(actors: Sequence[ray.actor.ActorHandle]) -> None:
+    """Kill `actors` (dead ones included: killing those does nothing)."""
+    for actor in actors:
+        ray.kill(actor)

@@ -6,22 +6,48 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedcl.engine.flower_compat import node_id_of
 from fedcl.engine.strategy_calls import arrays_hook, notify
+from fedcl.scenario.deletion import deletion_arrays, deletion_file
 from fedcl.scenario.events import Event, events_at
 from fedcl.scenario.scenario import Scenario
 from fedcl.strategies.base import ContinualStrategy, DeletionRequest, DriftEvent
 
+# An event on more clients than this is logged summarised: no per-client list or counts in
+# events.jsonl (one line over a million clients weighed 7.9 MB); a delete event's ids file has them.
+MAX_LISTED_CLIENTS = 1000
+# The key of a delete entry that carries its ids (`deletion_arrays`) to the recorder, which writes
+# them to `entry["ids_file"]` and leaves the key out of events.jsonl.
+DELETED_IDS_KEY = "_deleted_ids"
+
 
 def event_log_entry(event: Event, scenario: Scenario) -> dict[str, Any]:
-    """The events.jsonl line of `event` (deletions also say how many samples each client lost)."""
-    entry = event.to_json()
-    if event.kind == "delete":
-        deleted = scenario.deleted_by_event.get(event.index, {})
-        entry["deleted"] = {str(c): int(len(ids)) for c, ids in deleted.items()}
+    """The events.jsonl line of `event`: round, kind, clients and parameters, as written in a
+    config. An event on every client of more than `MAX_LISTED_CLIENTS` says `clients: all`.
+
+    A delete event's line also holds `deleted_samples` (distinct samples it newly deleted: ids an
+    earlier event deleted are not counted again), `deleted_clients` (clients that lost any),
+    `ids_file` (the run-folder file of its ids, `fedcl.scenario.deletion.deletion_arrays`) and,
+    for at most `MAX_LISTED_CLIENTS` clients, `deleted` (newly deleted samples per client).
+    """
+    big = len(event.clients) > MAX_LISTED_CLIENTS
+    clients: Any = "all" if big and isinstance(event.clients, range) else list(event.clients)
+    entry: dict[str, Any] = {"round": event.round, "kind": event.kind, "clients": clients}
+    entry.update(event.params)
+    if event.kind != "delete":
+        return entry
+    deleted = scenario.deleted_by_event.get(event.index, {})
+    arrays = deletion_arrays(deleted)
+    entry["deleted_samples"] = len(np.unique(arrays["ids"]))
+    entry["deleted_clients"] = len(deleted)
+    if not big:
+        entry["deleted"] = {str(c): len(ids) for c, ids in deleted.items()}
+    entry["ids_file"] = deletion_file(event.index)
+    entry[DELETED_IDS_KEY] = arrays
     return entry
 
 

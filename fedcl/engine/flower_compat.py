@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 from uuid import uuid4
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcl.npy import values_of
+# Re-exported: the engine's reply screening decodes replies through this module.
+from fedcl.npy import DecodedArray as DecodedArray
+from fedcl.npy import decoded as decoded
 
 # Node ids 0 and SUPERLINK_NODE_ID (1) are reserved by Flower; ours are FIRST_NODE_ID + partition.
 FIRST_NODE_ID = 1000
@@ -73,24 +74,3 @@ def own_copy(content: RecordDict) -> RecordDict:
         else:
             copied[name] = copy.deepcopy(record)
     return copied
-
-
-class DecodedArray(Array):
-    """A Flower `Array` that also holds its decoded values: `numpy()` returns them (read-only)
-    instead of parsing the bytes again. The engine decodes each reply's arrays once, to screen
-    them, and the strategy's aggregation then reads the same values."""
-
-    def numpy(self) -> np.ndarray:
-        """The decoded values (read-only; copy before changing them)."""
-        return self.__dict__["_decoded"]
-
-
-def decoded(array: Array) -> DecodedArray:
-    """`array` as a `DecodedArray` (the bytes are shared, decoded once here)."""
-    if isinstance(array, DecodedArray):
-        return array
-    values = values_of(array)
-    values.flags.writeable = False
-    copy_ = DecodedArray(dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data)
-    copy_.__dict__["_decoded"] = values
-    return copy_

@@ -3,36 +3,89 @@
 Stock Flower strategies talk to it exactly as to Flower's own grids (they only call `get_node_ids`
 and `send_and_receive`). Placement is sticky: node k always runs on actor k mod A, so client state
 stays on its actor. Each distinct message content is put in the object store once per push, and each
-actor gets one call per push with all of its messages.
+actor gets one call per push with all of its messages. With a `SumPlan` (FedAvg-family strategies)
+the actors sum their clients' models and send back one sum each (`fedcl.engine.summation`).
+
+With an `ActorRecovery`, a dead actor is replaced, its nodes move to the replacement with their
+state, and its unanswered calls are sent again, at most `max_retries` times; after that, their
+messages get error replies ("actor died: ...; retried N times").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 from flwr.app import Message, RecordDict
+from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedcl.engine.flower_compat import assign_message_id, error_reply, partition_of
+from fedcl.engine.summation import ArraySum, SumPlan
+from fedcl.errors import FedclError
+from fedcl.protocol import SERVER_ROUND
+
+if TYPE_CHECKING:
+    from fedcl.engine.recovery import ActorRecovery
+
+UNKNOWN_ROUND = int(np.iinfo(np.int64).max)  # a message without a round: after any checkpoint
+
+# How a call reports that its actor is gone (killed, its node lost, out of memory), as opposed
+# to an exception raised by the actor's code.
+ACTOR_LOST: tuple[type[Exception], ...] = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+)
+
+
+@dataclass
+class _Call:
+    """One actor call in flight, with what it carries, so that it can be sent again."""
+
+    actor: int  # index into RayGrid.actors
+    handle: ray.actor.ActorHandle  # the actor it went to
+    batch: list[tuple[Any, int]]
+    contents: dict[int, ray.ObjectRef]
+    plan: SumPlan | None
+    message_ids: list[str]
+    node_ids: np.ndarray
+    rounds: np.ndarray  # the server round of each message (UNKNOWN_ROUND: none named)
+    trains: np.ndarray  # bool: train messages
+    attempt: int = 0  # how often it has been sent again
 
 
 class RayGrid(Grid):
-    """A Flower Grid over `actors`, serving the virtual clients `node_ids`."""
+    """A Flower Grid over `actors`, serving the virtual clients `node_ids`; with `recovery`, dead
+    actors are replaced (in `actors`, in place) and their calls retried."""
 
-    def __init__(self, actors: Sequence[ray.actor.ActorHandle], node_ids: Sequence[int], run: Run):
+    def __init__(
+        self,
+        actors: Sequence[ray.actor.ActorHandle],
+        node_ids: Sequence[int],
+        run: Run,
+        *,
+        recovery: ActorRecovery | None = None,
+    ):
         if not actors:
             raise ValueError("RayGrid needs at least one actor")
         self.actors = list(actors)
         self.node_ids = np.unique(np.asarray(node_ids, dtype=np.int64))  # sorted
+        self.recovery = recovery
         self._run = run
         self._requests: dict[str, Message] = {}  # message id -> message, until its reply is pulled
-        self._in_flight: dict[ray.ObjectRef, list[str]] = {}  # actor call -> message ids it carries
+        self._in_flight: dict[ray.ObjectRef, _Call] = {}  # actor call -> what it carries
         self._replies: dict[str, Message] = {}  # request message id -> reply
         self._abandoned: set[str] = set()  # timed out: their late replies are dropped
+        self._timed_out: list[int] = []  # nodes whose messages timed out, until taken
+        self._sums: list[ArraySum] = []  # the actors' sums of summed replies, until taken
         self._available = self.node_ids
 
     # --- Flower's Grid interface -------------------------------------------------------------
@@ -75,12 +128,15 @@ class RayGrid(Grid):
         """Index of the actor that serves node `node_id` (always the same one)."""
         return partition_of(node_id) % len(self.actors)
 
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        """Dispatch `messages` to their nodes' actors; return their new message ids."""
-        batches: dict[int, list[tuple[object, int]]] = {}
+    def push_messages(
+        self, messages: Iterable[Message], *, plan: SumPlan | None = None
+    ) -> list[str]:
+        """Dispatch `messages` to their nodes' actors; return their new message ids. With `plan`,
+        each actor sums the train replies it can (`take_sums`) and replies with stubs."""
+        calls: dict[int, _Call] = {}
         contents: dict[int, ray.ObjectRef] = {}
-        per_actor_contents: dict[int, dict[int, ray.ObjectRef]] = {}
-        ids_per_actor: dict[int, list[str]] = {}
+        rounds: dict[int, int] = {}  # content key -> its server round
+        per_actor: dict[int, tuple[list[int], list[int], list[bool]]] = {}  # nodes, rounds, trains
         message_ids = []
         messages = list(messages)
         self._check_known(np.unique([m.metadata.dst_node_id for m in messages]).astype(np.int64))
@@ -92,13 +148,25 @@ class RayGrid(Grid):
             key = id(message.content)
             if key not in contents:
                 contents[key] = ray.put(message.content)
+                rounds[key] = round_of(message.content)
             actor = self.actor_of(node_id)
-            batches.setdefault(actor, []).append((message.metadata, key))
-            per_actor_contents.setdefault(actor, {})[key] = contents[key]
-            ids_per_actor.setdefault(actor, []).append(message_id)
-        for actor, batch in batches.items():
-            ref = self.actors[actor].handle.remote(batch, per_actor_contents[actor])
-            self._in_flight[ref] = ids_per_actor[actor]
+            if actor not in calls:
+                calls[actor] = _Call(actor, self.actors[actor], [], {}, plan, [], *_EMPTY)
+                per_actor[actor] = ([], [], [])
+            call = calls[actor]
+            call.batch.append((message.metadata, key))
+            call.contents[key] = contents[key]
+            call.message_ids.append(message_id)
+            nodes, call_rounds, trains = per_actor[actor]
+            nodes.append(node_id)
+            call_rounds.append(rounds[key])
+            trains.append(message.metadata.message_type == MessageType.TRAIN)
+        for actor, call in calls.items():
+            nodes, call_rounds, trains = per_actor[actor]
+            call.node_ids = np.asarray(nodes, dtype=np.int64)
+            call.rounds = np.asarray(call_rounds, dtype=np.int64)
+            call.trains = np.asarray(trains, dtype=bool)
+            self._submit(call)
         return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -112,10 +180,15 @@ class RayGrid(Grid):
         return replies
 
     def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        plan: SumPlan | None = None,
     ) -> list[Message]:
-        """Push `messages`, wait up to `timeout` s; return replies in the order of `messages`."""
-        message_ids = self.push_messages(messages)
+        """Push `messages`, wait up to `timeout` s; return replies in the order of `messages`.
+        Nodes that did not answer in time are kept for `take_timed_out`."""
+        message_ids = self.push_messages(messages, plan=plan)
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(m not in self._replies for m in message_ids) and self._in_flight:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -127,28 +200,136 @@ class RayGrid(Grid):
         for message_id in message_ids:
             if message_id not in answered:  # timed out, as Flower's grids drop late replies
                 self._abandoned.add(message_id)
-                self._requests.pop(message_id, None)
+                request = self._requests.pop(message_id, None)
+                if request is not None:
+                    self._timed_out.append(request.metadata.dst_node_id)
         return replies
 
+    def take_timed_out(self) -> list[int]:
+        """The nodes whose messages timed out since the last call (their replies were dropped)."""
+        timed_out, self._timed_out = self._timed_out, []
+        return timed_out
+
+    def take_sums(self) -> list[ArraySum]:
+        """The actors' sums of the replies they summed since the last call, in arrival order."""
+        sums, self._sums = self._sums, []
+        return sums
+
+    def take_replacements(self) -> list[dict[str, Any]]:
+        """A report of each actor replaced since the last call (`ActorRecovery.replace`)."""
+        return self.recovery.take_reports() if self.recovery is not None else []
+
+    def nodes_of(self, actor: int) -> np.ndarray:
+        """The node ids actor `actor` serves, ascending."""
+        return self.node_ids[partition_of(self.node_ids) % len(self.actors) == actor]
+
     # --- internals ---------------------------------------------------------------------------
+    def _submit(self, call: _Call) -> None:
+        ref = call.handle.handle.remote(call.batch, call.contents, call.plan)
+        self._in_flight[ref] = call
+
     def _collect(self, timeout: float | None, wait_for_one: bool = False) -> None:
-        """Move finished calls' replies into `_replies`; an actor crash yields Error replies."""
+        """Move finished calls' replies into `_replies`. A call whose actor died is retried on a
+        replacement (with `recovery`); any other failure of a call yields Error replies."""
         if not self._in_flight:
             return
         refs = list(self._in_flight)
         ready, _ = ray.wait(refs, num_returns=1 if wait_for_one else len(refs), timeout=timeout)
         for ref in ready:
-            message_ids = self._in_flight.pop(ref)
-            replies: list[Message] | None = None
+            call = self._in_flight.pop(ref)
             try:
-                replies = ray.get(ref)
+                result = ray.get(ref)
+            except ACTOR_LOST as exc:
+                self._actor_lost(call, _death_cause(exc))
+                continue
             except ray.exceptions.RayError as exc:
-                failure = f"actor failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-            for i, message_id in enumerate(message_ids):
-                if message_id in self._abandoned:
-                    self._abandoned.discard(message_id)
-                elif replies is not None:
-                    self._replies[message_id] = replies[i]
-                else:
-                    request = self._requests[message_id]
-                    self._replies[message_id] = error_reply(request, failure, crashed=True)
+                self._fail(call, f"actor failed: {type(exc).__name__}: {_first_line(exc)}")
+                continue
+            self._deliver(call, result)
+
+    def _deliver(self, call: _Call, result: list[Message] | tuple[list[Message], ArraySum]) -> None:
+        replies = result
+        if isinstance(result, tuple):  # (stubs and unsummed replies, the actor's sum)
+            replies, total = result
+            # An actor's messages time out together (one call): a late sum is dropped with them.
+            if total.count and call.message_ids[0] not in self._abandoned:
+                self._sums.append(total)
+        if self.recovery is not None:
+            answered = np.fromiter((not r.has_error() for r in replies), bool, len(replies))
+            self.recovery.journal.record(call.node_ids, call.rounds, call.trains & answered)
+        for message_id, reply in zip(call.message_ids, replies, strict=True):
+            if message_id in self._abandoned:
+                self._abandoned.discard(message_id)
+            else:
+                self._replies[message_id] = reply
+
+    def _fail(self, call: _Call, reason: str) -> None:
+        """Error replies for the call's messages (those not abandoned at a timeout)."""
+        for message_id in call.message_ids:
+            if message_id in self._abandoned:
+                self._abandoned.discard(message_id)
+            else:
+                request = self._requests[message_id]
+                self._replies[message_id] = error_reply(request, reason, crashed=True)
+
+    def _actor_lost(self, call: _Call, cause: str) -> None:
+        """The actor of `call` is gone: replace it (once, whichever of its calls tells first)
+        and send the call again, or fail its messages past `max_retries`."""
+        if self.recovery is None:
+            self._fail(call, f"actor failed: {cause}")
+            return
+        abandoned = all(message_id in self._abandoned for message_id in call.message_ids)
+        resend = not abandoned and call.attempt < self.recovery.max_retries
+        if call.handle is self.actors[call.actor]:
+            try:
+                self.actors[call.actor] = self.recovery.replace(
+                    call.handle,
+                    call.actor,
+                    self.nodes_of(call.actor),
+                    cause,
+                    attempt=call.attempt,
+                    resent=resend,
+                )
+            except (FedclError, ray.exceptions.RayError) as exc:
+                why = f"{type(exc).__name__}: {_first_line(exc)}"
+                self._fail(call, f"actor died: {cause}; no replacement could be started: {why}")
+                return
+        if resend:
+            handle = self.actors[call.actor]
+            self._submit(dataclasses.replace(call, handle=handle, attempt=call.attempt + 1))
+        elif abandoned:
+            self._abandoned.difference_update(call.message_ids)
+        else:
+            times = "time" if call.attempt == 1 else "times"
+            self._fail(call, f"actor died: {cause}; retried {call.attempt} {times}")
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+
+
+def round_of(content: RecordDict) -> int:
+    """The server round a message's content belongs to (`SERVER_ROUND` of its config records);
+    `UNKNOWN_ROUND` when it names none."""
+    for record in content.config_records.values():
+        if SERVER_ROUND in record:
+            return int(record[SERVER_ROUND])
+    return UNKNOWN_ROUND
+
+
+_BECAUSE = "The actor is dead because "  # how Ray's ActorDiedError words a known cause
+
+
+def _death_cause(exc: BaseException) -> str:
+    """Why an actor is gone, in a few words ("ActorDiedError: it was killed by `ray.kill`"):
+    the first sentence of the cause Ray gives after its generic first line and the actor's
+    details (tab-indented), else its first line."""
+    lines = str(exc).strip().splitlines()
+    causes = [line for line in lines[1:] if line.strip() and not line.startswith("\t")]
+    reason = causes[-1] if causes else _first_line(exc)
+    reason = reason.removeprefix(_BECAUSE).split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {reason}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

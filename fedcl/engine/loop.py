@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,15 @@ import numpy as np
 import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from omegaconf import DictConfig
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
 
 from fedcl.config import to_container, to_yaml
 from fedcl.engine import strategy_calls
-from fedcl.engine.actor import RemoteClientActor
+from fedcl.engine.actor import ActorFactory, kill_actors
 from fedcl.engine.audit import DeletionAudit, pop_trained_ids
+from fedcl.engine.checkpoint import ResumePoint, restore
 from fedcl.engine.events import apply_events, end_task_hooks
 from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid
@@ -38,14 +42,16 @@ from fedcl.engine.observers import (
     RoundObserver,
 )
 from fedcl.engine.pool import init_ray, pool_size
-from fedcl.engine.replies import screen_replies
+from fedcl.engine.recovery import ActorRecovery
+from fedcl.engine.replies import limits_per_node, screen_replies
+from fedcl.engine.summation import is_stub, sum_plan
 from fedcl.engine.vectorize import resolve_vectorize
-from fedcl.errors import FedclError, StrategyError
+from fedcl.errors import StrategyError
 from fedcl.imports import import_modules, load_object
 from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
-from fedcl.metrics.recorder import RunRecorder, ensure_no_run_in
+from fedcl.metrics.recorder import RunRecorder, check_out_dir
 from fedcl.models import model_from_config
 from fedcl.scenario.datasets import ArrayDataset, cache_folder, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
@@ -67,32 +73,52 @@ class RunResult:
 
 
 def default_out_dir(cfg: DictConfig) -> Path:
-    """runs/<name>-<YYYYmmdd-HHMMSS> under the working directory."""
-    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<name>-<YYYYmmdd-HHMMSS> under the working directory, always a folder directly in
+    runs/: `name` loses every character but letters, digits, '_', '.' and '-' (runs of others
+    become one '-'), dots and dashes at either end, and all past 64 characters; 'run' if nothing
+    is left, or if `name` comes from the environment (`${oc.env:...}`), which is not written to
+    disk."""
+    from_env = OmegaConf.is_interpolation(cfg, "name")
+    slug = "" if from_env else re.sub(r"[^\w.-]+", "-", str(cfg.name)).strip(".-")[:64]
+    return Path("runs") / f"{slug or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_simulation(
-    cfg: DictConfig, out_dir: str | Path | None = None, *, progress: bool | None = None
+    cfg: DictConfig,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    resume: ResumePoint | None = None,
 ) -> RunResult:
-    """Run the experiment `cfg` (a validated config from `fedcl.config.load_config`).
+    """Run the experiment `cfg` (a validated config from `fedcl.config.load_config`); with
+    `resume` (`fedcl.engine.checkpoint.prepare_resume`), continue the run in `out_dir` from it.
 
     Everything a user can get wrong (dataset, strategy, ClientApp, resources) is checked before the
     run folder is created; a `FedclError` then leaves nothing behind. The driver's own torch work
     (evaluation, the vectorize probe) runs on `engine.torch_threads` threads, as the actors do.
     """
     threads = torch.get_num_threads()
-    # Intra-op threads contending with busy actor cores slow evaluation 10x on a small machine.
+    # Intra-op threads contending with busy actor cores slow evaluation 10x on a small machine;
+    # numpy's BLAS threads (screening, strategies' linear algebra) likewise.
     torch.set_num_threads(cfg.engine.torch_threads)
     try:
-        return _simulate(cfg, out_dir, progress=progress)
+        with threadpool_limits(limits=cfg.engine.torch_threads):
+            return _simulate(cfg, out_dir, progress=progress, resume=resume)
     finally:
         torch.set_num_threads(threads)
 
 
 def _simulate(
-    cfg: DictConfig, out_dir: str | Path | None = None, *, progress: bool | None = None
+    cfg: DictConfig,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool | None = None,
+    resume: ResumePoint | None = None,
 ) -> RunResult:
     started = time.perf_counter()
+    # Everything a user can get wrong is checked before Ray starts, the run folder first.
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    check_out_dir(out_dir, resuming=resume is not None)
     if not cfg.log.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     container = to_container(cfg)
@@ -112,9 +138,7 @@ def _simulate(
     import_modules(cfg.imports)
     strategy = build_strategy(container["strategy"], cfg.clients.num)
     extension = strategy_calls.client_extension(strategy)
-    load_object(cfg.client.app, what="client.app")
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
-    ensure_no_run_in(out_dir)
+    load_object(cfg.client.app, what="client.app", expect=ClientApp)
     init_ray(cfg.engine.ray_address, verbose=cfg.log.verbose)
     num_actors = pool_size(
         cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
@@ -134,30 +158,47 @@ def _simulate(
     container["engine"]["vectorize"] = vectorize
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
-    actors = start_client_actors(container, dataset, scenario, run_id, num_actors, extension)
-    recorder = None
+    factory = actor_factory(container, dataset, scenario, run_id, extension)
+    actors = factory.start(num_actors)
+    recorder, grid = None, None
     try:
-        recorder = RunRecorder(out_dir, to_yaml(cfg))
-        grid = RayGrid(actors, [node_id_of(c) for c in range(cfg.clients.num)], make_run(run_id))
+        recorder = RunRecorder(out_dir, to_yaml(cfg), lock=resume.lock if resume else None)
+        node_ids = node_id_of(np.arange(cfg.clients.num))
+        recovery = ActorRecovery(
+            factory,
+            node_ids,
+            max_retries=cfg.engine.max_retries,
+            run_dir=recorder.out_dir,
+            starts_after=resume.server_round if resume is not None else 0,
+        )
+        grid = RayGrid(actors, node_ids, make_run(run_id), recovery=recovery)
         evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
         observers: list[RoundObserver] = [
             RecorderObserver(recorder),
             ProgressObserver(cfg.rounds, cfg.log.progress if progress is None else progress),
         ]
-        if cfg.checkpoint.every:
-            observers.append(CheckpointObserver(recorder, grid, cfg.checkpoint.every))
+        if cfg.checkpoint.every or cfg.checkpoint.every_s:
+            observers.append(CheckpointObserver(recorder, grid, cfg.checkpoint, vectorize))
         if isinstance(strategy, ContinualStrategy):
             info = scenario_info(cfg, scenario, dataset.num_classes)
             strategy_calls.notify(strategy, "on_run_start", 0, info)
+        restored = restore(resume, strategy, grid) if resume is not None else None
         try:
             result = _round_loop(
-                cfg, strategy, grid, arrays, scenario, evaluator, observers, recorder.out_dir
+                cfg,
+                strategy,
+                grid,
+                arrays,
+                scenario,
+                evaluator,
+                observers,
+                recorder.out_dir,
+                restored,
             )
         except StrategyError as exc:
             recorder.write_summary({"status": "failed", "error": str(exc)})
             raise
         result.summary.update(
-            status="completed",
             wall_s=time.perf_counter() - started,
             num_actors=num_actors,
             num_clients=cfg.clients.num,
@@ -177,7 +218,29 @@ def _simulate(
     finally:
         if recorder is not None:
             recorder.close()
-        _kill(actors)
+        kill_actors(grid.actors if grid is not None else actors)  # with any replacements
+
+
+def actor_factory(
+    config: dict[str, Any],
+    dataset: ArrayDataset,
+    scenario: Scenario,
+    run_id: int,
+    extension: ClientExtension | None = None,
+) -> ActorFactory:
+    """What the run's client actors are started with: `config` (the resolved config as plain
+    containers, `fedcl.config.to_container`), one object-store copy of the scenario and data,
+    and `extension`, the strategy's client half."""
+    return ActorFactory.create(
+        config,
+        scenario,
+        dataset.x_train,
+        dataset.y_train,
+        dataset.input_shape,
+        dataset.num_classes,
+        run_id,
+        extension,
+    )
 
 
 def start_client_actors(
@@ -188,35 +251,9 @@ def start_client_actors(
     num_actors: int,
     extension: ClientExtension | None = None,
 ) -> list[ray.actor.ActorHandle]:
-    """Start `num_actors` client actors sharing one object-store copy of the data; wait until ready.
-
-    `config` is the resolved config as plain containers (`fedcl.config.to_container`); each actor
-    installs `extension`, the strategy's client half.
-    """
-    data_refs = (ray.put(scenario), ray.put(dataset.x_train), ray.put(dataset.y_train))
-    engine = config["engine"]
-    options = {"num_cpus": engine["num_cpus_per_actor"], "num_gpus": engine["num_gpus_per_actor"]}
-    actors = [
-        RemoteClientActor.options(**options).remote(
-            config, *data_refs, dataset.input_shape, dataset.num_classes, run_id, extension
-        )
-        for _ in range(num_actors)
-    ]
-    timeout = engine["start_timeout_s"]
-    try:
-        ray.get([actor.ready.remote() for actor in actors], timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        _kill(actors)
-        raise FedclError(
-            f"the {num_actors} client actors were not ready within engine.start_timeout_s="
-            f"{timeout:g} s: Ray could not place them (other jobs holding CPUs/GPUs? see "
-            "`ray status`) or they start slowly"
-        ) from None
-    except ray.exceptions.RayError as exc:
-        _kill(actors)
-        cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise FedclError(f"client actors failed to start: {cause}") from None
-    return actors
+    """Start `num_actors` client actors sharing one object-store copy of the data; wait until
+    ready (`ActorFactory.start`: a `FedclError` when they cannot be placed or fail to start)."""
+    return actor_factory(config, dataset, scenario, run_id, extension).start(num_actors)
 
 
 def _clients_per_round(cfg: DictConfig, strategy: Any) -> int:
@@ -239,11 +276,6 @@ def scenario_info(cfg: DictConfig, scenario: Scenario, num_classes: int) -> Scen
     )
 
 
-def _kill(actors: list[ray.actor.ActorHandle]) -> None:
-    for actor in actors:
-        ray.kill(actor)
-
-
 def _online_clients(cfg: DictConfig, available: np.ndarray, server_round: int) -> np.ndarray:
     """The round's `available` clients (ascending), thinned to `clients.participation` (seeded).
     Array operations only: a million clients may be available."""
@@ -263,7 +295,11 @@ def _nodes_needed(strategy: Any) -> int:
 
 @dataclass
 class TrainStep:
-    """What one round's training did: the new arrays and what the clients answered."""
+    """What one round's training did: the new arrays and what the clients answered.
+
+    `problems` holds (node id, reason) for every sampled client whose update was not aggregated:
+    its reply was an error, was refused by the screen, never came (timed out) or was dropped
+    with its round (`screen.max_rejected`); `discarded` says why in the last case."""
 
     arrays: ArrayRecord
     sampled: int = 0
@@ -271,9 +307,11 @@ class TrainStep:
     problems: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
+    discarded: str | None = None
+    summed: int = 0  # successful replies whose models were summed on their actors
 
 
-def _train_step(cfg, strategy, grid, arrays, server_round, online, audit) -> TrainStep:
+def _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario) -> TrainStep:
     """configure_train -> send_and_receive -> audit and screen replies -> aggregate_train."""
     needed = _nodes_needed(strategy)
     if len(online) < needed:
@@ -284,31 +322,72 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit) -> Tra
     # (seed, round) makes their sampling reproducible and independent of earlier rounds.
     random.seed(derive_seed(cfg.seed, "sample", server_round))
     messages = strategy_calls.configure_train(strategy, server_round, arrays, ConfigRecord(), grid)
-    replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
+    plan = sum_plan(strategy, server_round) if cfg.engine.sum_on_actors else None
+    if plan is None:
+        replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
+    else:
+        replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s, plan=plan))
+    unanswered = _unanswered(grid, messages, replies, cfg.engine.timeout_s)
     audit.record(server_round, pop_trained_ids(replies))
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
-    replies, problems = screen_replies(replies, arrays, model_key)
+    weight_key = getattr(strategy, "weighted_by_key", None)
+    screened = screen_replies(
+        replies,
+        arrays,
+        model_key,
+        limits_per_node(
+            cfg, scenario, server_round, weight_key if isinstance(weight_key, str) else None
+        ),
+        max_rejected=cfg.screen.max_rejected,
+        screened_before=is_stub if plan is not None else None,
+    )
+    replies = screened.replies
+    succeeded = sum(not reply.has_error() for reply in replies)
+    summed = sum(is_stub(reply) for reply in replies)
+    if plan is not None:
+        sums = grid.take_sums()
+        replies = strategy_calls.combine_sums(strategy, server_round, replies, sums, plan)
     new_arrays, metrics = strategy_calls.aggregate_train(strategy, server_round, replies)
     return TrainStep(
         arrays=new_arrays if new_arrays is not None else arrays,
         sampled=len(messages),
-        succeeded=sum(not reply.has_error() for reply in replies),
-        problems=problems,
+        succeeded=succeeded,
+        problems=sorted(screened.problems + unanswered),
         metrics=dict(metrics) if isinstance(metrics, MetricRecord) else {},
+        discarded=screened.discarded,
+        summed=summed,
     )
 
 
+def _unanswered(grid, messages, replies, timeout: float) -> list[tuple[int, str]]:
+    """(node id, reason) for each message that got no reply: the grid dropped it at the timeout.
+    A grid without `take_timed_out` drops replies only at the timeout, too."""
+    take = getattr(grid, "take_timed_out", None)
+    timed_out = set(take()) if take is not None else None
+    answered = {reply.metadata.src_node_id for reply in replies}
+    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+    late = f"timed out after engine.timeout_s={timeout:g} s"
+    return [(n, late if timed_out is None or n in timed_out else "no reply") for n in missing]
+
+
 def _round_loop(
-    cfg, strategy, grid, arrays, scenario, evaluator, observers, out_dir: Path
+    cfg, strategy, grid, arrays, scenario, evaluator, observers, out_dir: Path, restored=None
 ) -> RunResult:
-    """The rounds, top to bottom; observers see every round's events and record."""
-    init_acc = evaluator.evaluate(arrays, range(scenario.num_tasks))
+    """The rounds, top to bottom (after `restored`'s round, for a resumed run); observers see
+    every round's events and record."""
     audit = DeletionAudit(scenario, out_dir if cfg.log.trained_samples else None)
-    records: list[dict[str, Any]] = []
-    updates = 0
+    if restored is None:
+        init_acc, records, first = evaluator.evaluate(arrays, range(scenario.num_tasks)), [], 1
+    else:
+        arrays, init_acc, records = restored.arrays, restored.init_acc, list(restored.records)
+        audit.load_state_dict(restored.audit)
+        first = restored.server_round + 1
+    updates = sum(record["replies"] for record in records)
+    for observer in observers:
+        observer.on_loop_start(first, init_acc, audit)
     loop_started = time.perf_counter()
     try:
-        for server_round in range(1, cfg.rounds + 1):
+        for server_round in range(first, cfg.rounds + 1):
             round_started = time.perf_counter()
             arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
             for observer in observers:
@@ -317,7 +396,7 @@ def _round_loop(
             online = _online_clients(cfg, available, server_round)
             grid.set_available(node_id_of(online))
             train_started = time.perf_counter()
-            step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit)
+            step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario)
             train_s = time.perf_counter() - train_started
             arrays = end_task_hooks(scenario, server_round, strategy, step.arrays, grid)
             updates += step.succeeded
@@ -326,6 +405,7 @@ def _round_loop(
                 online=len(online),
                 sampled=step.sampled,
                 replies=step.succeeded,
+                summed_on_actors=step.summed,
                 failures=[{"node": n, "reason": r} for n, r in step.problems],
                 train=step.metrics,
                 train_s=train_s,
@@ -333,6 +413,13 @@ def _round_loop(
             )
             if step.skipped:
                 record["skipped"] = step.skipped
+            replacements = grid.take_replacements() if isinstance(grid, RayGrid) else []
+            if replacements:
+                record["actor_replacements"] = replacements
+            if step.discarded:
+                record["discarded"] = step.discarded
+            if not step.succeeded:
+                record["no_updates"] = True
             records.append(record)
             for observer in observers:
                 observer.on_round_end(record, arrays, strategy)
@@ -351,8 +438,43 @@ def _round_loop(
         client_updates_per_s=updates / loop_s if loop_s > 0 else 0.0,
         init_acc=init_acc,
         deletion_audit=audit.summary(),
+        **run_outcome(records),
     )
     return RunResult(out_dir, summary, records, arrays, strategy)
+
+
+def run_outcome(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's status from its round records, for summary.json.
+
+    A run *failed* when no client update was aggregated in any round: every reply errored, was
+    refused or timed out (or no round could train). A run in which some rounds, or all but one,
+    lost clients or had no update at all *completed*; the summary counts the lost updates
+    (`client_failures`) and lists the rounds without any (`rounds_without_updates`). `error`
+    (failed runs only) is one line naming the first failure.
+    """
+    empty = [record["round"] for record in records if record.get("no_updates")]
+    outcome: dict[str, Any] = {
+        "status": "completed",
+        "client_failures": sum(len(record["failures"]) for record in records),
+        "rounds_without_updates": empty,
+    }
+    if records and len(empty) == len(records):
+        outcome["status"] = "failed"
+        outcome["error"] = (
+            f"no client update succeeded in any of the {len(records)} rounds"
+            + _first_failure(records)
+        )
+    return outcome
+
+
+def _first_failure(records: list[dict[str, Any]]) -> str:
+    for record in records:
+        if record["failures"]:
+            failure = record["failures"][0]
+            return f" (round {record['round']}, node {failure['node']}: {failure['reason']})"
+        if record.get("skipped"):
+            return f" (round {record['round']}: {record['skipped']})"
+    return ""
 
 
 def _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available) -> dict[str, Any]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.exception import InconsistentMessageReplies
 
+from fedcl.engine.summation import ArraySum, SumPlan, combine
 from fedcl.errors import StrategyError
 from fedcl.strategies.base import ClientExtension, ContinualStrategy
 
@@ -47,6 +49,24 @@ def configure_train(strategy: Any, server_round: int, *args: Any) -> list[Messag
         if not isinstance(message, Message):
             raise _wrong(strategy, "configure_train", server_round, "Message items", message)
     return messages
+
+
+def combine_sums(
+    strategy: Any,
+    server_round: int,
+    replies: list[Message],
+    sums: list[ArraySum],
+    plan: SumPlan,
+) -> list[Message]:
+    """The replies the strategy aggregates, its actors' sums folded in (`summation.combine`); a
+    failure is reported as the strategy's own aggregation would report it."""
+    try:
+        return combine(replies, sums, plan)
+    except InconsistentMessageReplies as exc:
+        raise StrategyError(
+            f"strategy {strategy_name(strategy)} failed in aggregate_train at round "
+            f"{server_round}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def aggregate_train(

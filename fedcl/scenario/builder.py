@@ -195,26 +195,48 @@ def _partition(
 
 def _timeline(cfg: DictConfig, dataset: ArrayDataset, num_tasks: int) -> tuple[Event, ...]:
     """Every event of the run, validated and in timeline order: the task stream's, then those
-    written in the config, then the generated ones (the order ties keep)."""
+    written in the config, then the generated ones (the order ties keep). A drift's parameters
+    are checked here too, for the config's events and for each generator (drawn or not), so an
+    error names the event: `events[i]` or `generate[i]`."""
     num_clients, rounds = cfg.clients.num, cfg.rounds
-    raw_events = [(f"events[{i}]", e) for i, e in enumerate(_plain(cfg.events))]
-    generated = generate_events(
-        _plain(cfg.generate),
-        rounds=rounds,
-        num_clients=num_clients,
-        rng_for=lambda i, r: derive_rng(cfg.seed, "generate", i, r),
-    )
-    raw_events += [(f"generated event {e['kind']!r} at round {e['round']}", e) for e in generated]
-    raw_events = [
-        (f"scenario stream (task {e['task']})", e) for e in _stream_events(cfg)
-    ] + raw_events
     limits = dict(
         rounds=rounds,
         num_clients=num_clients,
         num_classes=dataset.num_classes,
         num_tasks=num_tasks,
     )
-    return build_timeline([parse_event(e, where, **limits) for where, e in raw_events])
+
+    def parse_whole(raw: dict[str, Any], where: str) -> Event:
+        event = parse_event(raw, where, **limits)
+        if event.kind == "drift":
+            try:
+                DriftSpan.from_event(
+                    event,
+                    seed=cfg.seed,
+                    num_classes=dataset.num_classes,
+                    input_shape=dataset.input_shape,
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return event
+
+    written = [parse_whole(e, f"events[{i}]") for i, e in enumerate(_plain(cfg.events))]
+    generated = generate_events(
+        _plain(cfg.generate),
+        rounds=rounds,
+        num_clients=num_clients,
+        rng_for=lambda i, r: derive_rng(cfg.seed, "generate", i, r),
+        check=parse_whole,
+    )
+    stream = [
+        parse_event(e, f"scenario stream (task {e['task']})", **limits) for e in _stream_events(cfg)
+    ]
+    # Drawn from checked generators: only their round and clients are new.
+    drawn = [
+        parse_event(e, f"generated event {e['kind']!r} at round {e['round']}", **limits)
+        for e in generated
+    ]
+    return build_timeline(stream + written + drawn)
 
 
 @dataclass

@@ -18,7 +18,8 @@ An event in the config:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,15 @@ def _fail(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
+def _is_int(value: Any) -> bool:
+    # YAML's true/false are Python bools, which are ints too: a round or client `true` is a typo.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def parse_event(
     raw: Mapping[str, Any],
     where: str,
@@ -80,7 +90,7 @@ def parse_event(
     if kind not in EVENT_KINDS:
         raise _fail(where, f"unknown kind {kind!r}; valid: {', '.join(EVENT_KINDS)}")
     server_round = raw.get("round")
-    if not isinstance(server_round, int) or not 1 <= server_round <= rounds:
+    if not _is_int(server_round) or not 1 <= server_round <= rounds:
         raise _fail(where, f"round {server_round!r} is not within the run's rounds 1..{rounds}")
     clients = _clients(raw.get("clients", "all"), where, num_clients)
     params = {k: v for k, v in raw.items() if k not in _COMMON}
@@ -93,7 +103,7 @@ def parse_event(
             raise _fail(where, f"unknown key {unknown[0]!r} for a {kind} event; valid: {valid}")
     if kind == "task":
         task = params.get("task")
-        if not isinstance(task, int) or not 0 <= task < num_tasks:
+        if not _is_int(task) or not 0 <= task < num_tasks:
             raise _fail(
                 where, f"task {task!r} is not one of the scenario's tasks 0..{num_tasks - 1}"
             )
@@ -110,7 +120,7 @@ def _clients(clients: Any, where: str, num_clients: int) -> tuple[int, ...] | ra
         raise _fail(
             where, f"clients must be a non-empty list of client ids or 'all', got {clients!r}"
         )
-    bad = [c for c in clients if not isinstance(c, int) or not 0 <= c < num_clients]
+    bad = [c for c in clients if not _is_int(c) or not 0 <= c < num_clients]
     if bad:
         raise _fail(where, f"unknown client {bad[0]!r}; clients are 0..{num_clients - 1}")
     return tuple(sorted(set(clients)))
@@ -124,11 +134,11 @@ def _check_drift(params: dict[str, Any], where: str, *, rounds: int, start: int)
         raise _fail(where, f"unknown drift mode {mode!r}; valid: {', '.join(DRIFT_MODES)}")
     if mode == "incremental":
         ramp = params.setdefault("ramp", 5)
-        if not isinstance(ramp, int) or ramp < 1:
+        if not _is_int(ramp) or ramp < 1:
             raise _fail(where, f"ramp must be a number of rounds >= 1, got {ramp!r}")
     if mode == "recurrent":
         until = params.get("until")
-        if not isinstance(until, int) or not start < until <= rounds:
+        if not _is_int(until) or not start < until <= rounds:
             raise _fail(where, f"a recurrent drift needs 'until', a round in {start + 1}..{rounds}")
 
 
@@ -138,7 +148,7 @@ def _check_delete(params: dict[str, Any], where: str, *, num_classes: int) -> No
         raise _fail(where, f"unknown delete 'what' {what!r}; valid: {', '.join(DELETE_WHAT)}")
     if what == "class":
         cls = params.get("class")
-        if not isinstance(cls, int) or not 0 <= cls < num_classes:
+        if not _is_int(cls) or not 0 <= cls < num_classes:
             raise _fail(
                 where, f"class {cls!r} is not in the dataset (classes 0..{num_classes - 1})"
             )
@@ -148,8 +158,23 @@ def _check_delete(params: dict[str, Any], where: str, *, num_classes: int) -> No
             raise _fail(
                 where, "a samples deletion needs exactly one of 'samples' (ids) or 'fraction'"
             )
-        if has_fraction and not 0 < float(params["fraction"]) <= 1:
-            raise _fail(where, f"fraction must be in (0, 1], got {params['fraction']!r}")
+        fraction = params.get("fraction")
+        if has_fraction and not (_is_real(fraction) and 0 < fraction <= 1):
+            raise _fail(where, f"fraction must be a number in (0, 1], got {fraction!r}")
+        ids = params.get("samples")
+        if has_ids and not (
+            isinstance(ids, Sequence)
+            and not isinstance(ids, str)
+            and ids
+            and all(_is_int(i) and i >= 0 for i in ids)
+        ):
+            raise _fail(where, f"samples must be a non-empty list of sample ids >= 0, got {ids!r}")
+
+
+# Expected events per generator over the whole run: more would take minutes to draw and parse.
+MAX_GENERATED = 1_000_000
+_DRAWN_KEYS = ("round", "clients")  # what a generator draws for each of its events
+_GENERATOR_KEYS = ("rate", "clients_per_event", "from_round")  # not passed on to its events
 
 
 def generate_events(
@@ -158,28 +183,62 @@ def generate_events(
     rounds: int,
     num_clients: int,
     rng_for: Any,
+    check: Callable[[dict[str, Any], str], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Config events drawn from rates: each generator `{kind, rate, clients_per_event, ...}` fires
-    Poisson(`rate`) times per round, each time on `clients_per_event` clients drawn at random;
-    its other keys become the event's parameters. `rng_for(i, round)` gives the Generator of
-    generator i in that round, so the timeline depends on the seed alone."""
+    """Config events drawn from rates: each generator `{kind, rate, clients_per_event, from_round,
+    ...}` fires Poisson(`rate`) times per round from round `from_round` (default 1), each time on
+    `clients_per_event` (default 1) clients drawn at random; its other keys become the event's
+    parameters. `rng_for(i, round)` gives the Generator of generator i in that round, so the
+    timeline depends on the seed alone.
+
+    Every generator is validated before anything is drawn, whether or not it would fire: its
+    own keys here, and the event it makes by `check(event, where)` (which raises
+    `ConfigError`), called with an event of its first round. Raises a one-line `ConfigError`
+    naming `generate[i]`."""
     drawn: list[dict[str, Any]] = []
     for i, spec in enumerate(generators):
         spec = dict(spec)
         where = f"generate[{i}]"
-        if "rate" not in spec or float(spec["rate"]) < 0:
-            raise _fail(where, "needs a non-negative 'rate' (expected events per round)")
-        rate = float(spec.pop("rate"))
-        per_event = int(spec.pop("clients_per_event", 1))
-        if not 1 <= per_event <= num_clients:
-            raise _fail(where, f"clients_per_event must be in 1..{num_clients}, got {per_event}")
-        first = int(spec.pop("from_round", 1))
-        for server_round in range(max(1, first), rounds + 1):
+        rate, per_event, first = _check_generator(spec, where, rounds, num_clients)
+        template = {k: v for k, v in spec.items() if k not in _GENERATOR_KEYS}
+        if check is not None:
+            check({**template, "round": first, "clients": list(range(per_event))}, where)
+        for server_round in range(first, rounds + 1):
             rng = rng_for(i, server_round)
             for _ in range(rng.poisson(rate)):
                 clients = sorted(int(c) for c in rng.choice(num_clients, per_event, replace=False))
-                drawn.append({**spec, "round": server_round, "clients": clients})
+                drawn.append({**template, "round": server_round, "clients": clients})
     return drawn
+
+
+def _check_generator(
+    spec: dict[str, Any], where: str, rounds: int, num_clients: int
+) -> tuple[float, int, int]:
+    """A generator's (rate, clients_per_event, first round), checked."""
+    if spec.get("kind") not in EVENT_KINDS:
+        raise _fail(where, f"unknown kind {spec.get('kind')!r}; valid: {', '.join(EVENT_KINDS)}")
+    drawn = [k for k in _DRAWN_KEYS if k in spec]
+    if drawn:
+        raise _fail(where, f"'{drawn[0]}' is drawn for each event; a generator cannot set it")
+    rate = spec.get("rate")
+    if not (_is_real(rate) and rate >= 0):
+        raise _fail(
+            where, f"needs 'rate', a number >= 0 of expected events per round, got {rate!r}"
+        )
+    per_event = spec.get("clients_per_event", 1)
+    if not (_is_int(per_event) and 1 <= per_event <= num_clients):
+        raise _fail(where, f"clients_per_event must be in 1..{num_clients}, got {per_event!r}")
+    first = spec.get("from_round", 1)
+    if not (_is_int(first) and 1 <= first <= rounds):
+        raise _fail(where, f"from_round must be a round in 1..{rounds}, got {first!r}")
+    expected = rate * (rounds - first + 1)
+    if expected > MAX_GENERATED:
+        raise _fail(
+            where,
+            f"rate {rate:g} over {rounds - first + 1} rounds draws about {expected:.3g} events; "
+            f"at most {MAX_GENERATED:.0e} are supported",
+        )
+    return float(rate), per_event, first
 
 
 def build_timeline(events: Sequence[Event]) -> tuple[Event, ...]:

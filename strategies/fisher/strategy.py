@@ -48,6 +48,10 @@ from fedcl.strategies.fisher.keys import (
 )
 from fedcl.strategies.fisher.math import FISHER_MODES, fisher_merge
 
+# Records of `FisherMerging.state_dict`.
+STATE_THETA_OLD = "fisher.theta-old"
+STATE_FISHER_OLD = "fisher.fisher-old"
+
 
 class FisherMerging(FedAvg, ContinualStrategy):
     """Fisher-weighted averaging of the clients' models; optionally anchored to old tasks.
@@ -155,6 +159,21 @@ class FisherMerging(FedAvg, ContinualStrategy):
         # all finished tasks (parameter name -> float64 array); None before the first task end.
         self.theta_old: dict[str, np.ndarray] | None = None
         self.fisher_old: dict[str, np.ndarray] | None = None
+
+    def state_dict(self) -> RecordDict:
+        """The continual variant's θ_old and F_old (float64; records absent while None)."""
+        state = RecordDict()
+        for key, arrays in ((STATE_THETA_OLD, self.theta_old), (STATE_FISHER_OLD, self.fisher_old)):
+            if arrays is not None:
+                state[key] = ArrayRecord({n: Array(np.asarray(a)) for n, a in arrays.items()})
+        return state
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Take back the state `state_dict` returned."""
+        self.theta_old, self.fisher_old = (
+            {n: a.numpy() for n, a in state[key].items()} if key in state else None
+            for key in (STATE_THETA_OLD, STATE_FISHER_OLD)
+        )
 
     def summary(self) -> None:
         """Log the configuration."""

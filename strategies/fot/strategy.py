@@ -63,6 +63,9 @@ from fedcl.strategies.fot.math import (
 )
 
 ACTIVATION_CLIENTS = ("sampled", "all")
+# Records of `FOT.state_dict`.
+STATE_BASES = "fot.bases"
+STATE_SCALARS = "fot.state"
 
 
 def _orthonormalize(columns: torch.Tensor) -> torch.Tensor:
@@ -195,6 +198,31 @@ class FOT(FedAvg, ContinualStrategy):
         self.bases: dict[str, torch.Tensor] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._sampled: list[int] = []
+
+    def state_dict(self) -> RecordDict:
+        """ε, every protected layer's basis (float64) and the nodes sampled last (those
+        `on_task_end` asks). The global arrays of the round are not state: `configure_train`
+        sets them again before `aggregate_train` reads them."""
+        return RecordDict(
+            {
+                STATE_BASES: ArrayRecord(
+                    {layer: Array(basis.numpy()) for layer, basis in self.bases.items()}
+                ),
+                STATE_SCALARS: ConfigRecord(
+                    {"epsilon": self.epsilon, "sampled": [int(n) for n in self._sampled]}
+                ),
+            }
+        )
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Take back the state `state_dict` returned."""
+        self.bases = {
+            layer: torch.from_numpy(array.numpy().copy(order="K"))  # keep QR's column order
+            for layer, array in state[STATE_BASES].items()
+        }
+        scalars = state[STATE_SCALARS]
+        self.epsilon = float(scalars["epsilon"])
+        self._sampled = [int(n) for n in scalars["sampled"]]
 
     def summary(self) -> None:
         """Log the configuration."""

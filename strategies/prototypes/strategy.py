@@ -46,6 +46,9 @@ from fedcl.strategies.prototypes.math import PrototypeBank
 # Bias of a class with no prototype: its logit never wins while some class is known, and stays
 # finite in float32.
 UNKNOWN_CLASS_BIAS = -1e30
+# Records of `PrototypeAveraging.state_dict`.
+STATE_BANKS = "prototypes.banks"
+STATE_SCALARS = "prototypes.state"
 
 
 class PrototypeAveraging(FedAvg, ContinualStrategy):
@@ -134,6 +137,51 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         self._querying = False
         self._arrays: ArrayRecord | None = None
         self._answered: set[int] = set()
+
+    def state_dict(self) -> RecordDict:
+        """Whether the backbone is frozen, every (node, task) bank (stacked: node and task ids,
+        sums, counts) and the round's query state. The arrays the round was configured with are
+        not state: `configure_train` sets them again before `aggregate_train` reads them."""
+        keys = [(node, task) for node, per_task in self.banks.items() for task in per_task]
+        banks = [self.banks[node][task] for node, task in keys]
+        return RecordDict(
+            {
+                STATE_BANKS: ArrayRecord(
+                    {
+                        "nodes": Array(np.asarray([n for n, _ in keys], dtype=np.int64)),
+                        "tasks": Array(np.asarray([t for _, t in keys], dtype=np.int64)),
+                        "sums": Array(
+                            np.stack([b.sums for b in banks]) if banks else np.zeros((0, 0, 0))
+                        ),
+                        "counts": Array(
+                            np.stack([b.counts for b in banks])
+                            if banks
+                            else np.zeros((0, 0), dtype=np.int64)
+                        ),
+                    }
+                ),
+                STATE_SCALARS: ConfigRecord(
+                    {
+                        "frozen": self.frozen,
+                        "querying": self._querying,
+                        "answered": sorted(int(n) for n in self._answered),
+                    }
+                ),
+            }
+        )
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Take back the state `state_dict` returned."""
+        record = state[STATE_BANKS]
+        nodes, tasks = record["nodes"].numpy().tolist(), record["tasks"].numpy().tolist()
+        sums, counts = record["sums"].numpy(), record["counts"].numpy()
+        self.banks = {}
+        for i, (node, task) in enumerate(zip(nodes, tasks, strict=True)):
+            self.banks.setdefault(node, {})[task] = PrototypeBank(sums[i].copy(), counts[i].copy())
+        scalars = state[STATE_SCALARS]
+        self.frozen = bool(scalars["frozen"])
+        self._querying = bool(scalars["querying"])
+        self._answered = {int(n) for n in scalars["answered"]}
 
     def client_extension(self) -> ClientExtension:
         """The client half: the prototype query (`fedcl.strategies.prototypes.client`)."""

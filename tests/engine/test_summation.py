@@ -1,0 +1,221 @@
+"""Summing FedAvg-family updates on the actors: the sums are exact (the same bits in any grouping,
+the correctly rounded mean), the strategy aggregates the same model as from every reply, and only
+strategies that average linearly are summed."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+)
+
+import fedcl
+from fedcl.engine.flower_compat import set_server_identity
+from fedcl.engine.summation import ArraySum, combine, is_stub, sum_plan, sum_replies
+from fedcl.npy import array_of
+from fedcl.strategies.fot.strategy import FOT
+from tests.engine.runs import read_jsonl
+
+
+def _adversarial_round(count: int, seed: int) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Per client, float32 arrays and an integer weight whose weighted sums round differently in
+    every grouping: magnitudes from 1e-9 to 1e3, and a last client that nearly cancels the others,
+    so that the mean is tiny next to the terms."""
+    rng = np.random.default_rng(seed)
+    weights = [int(w) for w in rng.integers(1, 500, size=count)]
+    clients = []
+    for _ in range(count - 1):
+        scale = 10.0 ** rng.integers(-9, 4, size=(64,))
+        values = (rng.standard_normal((64,)) * scale).astype(np.float32)
+        clients.append({"w": values, "b": rng.standard_normal((3,)).astype(np.float32)})
+    partial = sum(c["w"].astype(np.float64) * w for c, w in zip(clients, weights, strict=False))
+    last = (-partial / weights[-1]).astype(np.float32)
+    clients.append({"w": last, "b": rng.standard_normal((3,)).astype(np.float32)})
+    return clients, weights
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: array_of(values) for name, values in arrays.items()})
+
+
+def _summed(clients, weights, groups: list[list[int]]) -> ArrayRecord:
+    parts = []
+    for group in groups:
+        part = ArraySum()
+        for i in group:
+            part.add(_record(clients[i]), weights[i])
+        parts.append(part)
+    total = ArraySum()
+    for part in parts:
+        total.merge(part)
+    return total.mean()
+
+
+def test_the_mean_has_the_same_bits_in_any_grouping_and_is_correctly_rounded():
+    clients, weights = _adversarial_round(12, seed=0)
+    groupings = [
+        [list(range(12))],
+        [list(range(0, 12, 2)), list(range(1, 12, 2))],
+        [[11, 3, 7], [0, 5], [1, 2, 4, 6, 8, 9, 10]],
+        [[i] for i in reversed(range(12))],
+    ]
+    means = [_summed(clients, weights, g) for g in groupings]
+    for name in ("w", "b"):
+        for other in means[1:]:
+            assert means[0][name].numpy().tobytes() == other[name].numpy().tobytes()
+        # The exact rational mean, rounded once to float32.
+        exact = [
+            sum(Fraction(float(c[name][k])) * w for c, w in zip(clients, weights, strict=True))
+            / sum(weights)
+            for k in range(len(clients[0][name]))
+        ]
+        want = np.array([float(v) for v in exact]).astype(np.float32)
+        np.testing.assert_array_equal(means[0][name].numpy(), want)
+
+
+def test_a_plain_float64_sum_would_depend_on_the_grouping():
+    """The property above is not free: the same data summed plainly differs between groupings
+    (so the test above can tell an exact sum from a plain one)."""
+    clients, weights = _adversarial_round(12, seed=0)
+
+    def plain(groups):
+        parts = [sum(clients[i]["w"].astype(np.float64) * weights[i] for i in g) for g in groups]
+        return (sum(parts) / sum(weights)).astype(np.float32)
+
+    one = plain([list(range(12))])
+    split = plain([[11, 3, 7], [0, 5], [1, 2, 4, 6, 8, 9, 10]])
+    assert one.tobytes() != split.tobytes()
+
+
+def _train_request(node: int, arrays: ArrayRecord) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"lr": 0.1})})
+    return Message(content, node, MessageType.TRAIN, group_id="1")
+
+
+def _train_reply(request: Message, arrays: dict[str, np.ndarray], examples: int) -> Message:
+    metrics = MetricRecord({"num-examples": examples, "train-loss": examples / 7.0})
+    audit = ConfigRecord({"ids": b"\x00"})
+    content = RecordDict({"arrays": _record(arrays), "metrics": metrics, "audit": audit})
+    return Message(content, reply_to=request)
+
+
+@pytest.fixture
+def round_of_replies():
+    set_server_identity(5)
+    rng = np.random.default_rng(3)
+    reference = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    requests = [_train_request(1000 + n, _record(reference)) for n in range(7)]
+    replies = []
+    for n, request in enumerate(requests):
+        arrays = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in reference.items()}
+        replies.append(_train_reply(request, arrays, examples=10 + 3 * n))
+    return requests, replies
+
+
+def test_a_strategy_aggregates_the_same_model_from_the_actors_sums(round_of_replies):
+    requests, replies = round_of_replies
+    strategy = FedAvg()
+    plan = sum_plan(strategy)
+    assert plan is not None
+    want_arrays, want_metrics = strategy.aggregate_train(1, replies)
+
+    # Two actors, each summing its own clients; the driver combines their stubs and sums.
+    first, first_sum = sum_replies(requests[:3], replies[:3], plan)
+    second, second_sum = sum_replies(requests[3:], replies[3:], plan)
+    stubs = first + second
+    assert all(is_stub(s) and "arrays" not in s.content.array_records for s in stubs)
+    assert all("audit" in s.content.config_records for s in stubs)  # the audit still travels
+    combined = combine(stubs, [first_sum, second_sum], plan)
+    assert len(combined) == 1
+    got_arrays, got_metrics = strategy.aggregate_train(1, combined)
+
+    for name in want_arrays:
+        np.testing.assert_allclose(got_arrays[name].numpy(), want_arrays[name].numpy(), rtol=1e-6)
+    # Metrics are averaged by Flower's own function over the same per-client records.
+    assert dict(got_metrics) == dict(want_metrics)
+
+
+def test_replies_that_cannot_be_summed_reach_the_driver_whole(round_of_replies):
+    requests, replies = round_of_replies
+    plan = sum_plan(FedAvg())
+    bad = replies[2].content["arrays"]
+    bad["w"] = array_of(np.full((4, 3), np.nan, np.float32))
+    replies[4].content["arrays"]["b"] = array_of(np.zeros(5, np.float32))  # wrong shape
+    out, total = sum_replies(requests, replies, plan)
+    assert [is_stub(r) for r in out] == [True, True, False, True, False, True, True]
+    assert total.count == 5
+    assert total.weight == sum(10 + 3 * n for n in (0, 1, 3, 5, 6))
+    # The driver's screen sees them as before (not summed, arrays intact).
+    assert "arrays" in out[2].content.array_records
+
+
+class _OwnAggregate(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        return super().aggregate_train(server_round, list(replies)[:1])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "summed"),
+    [
+        (FedAvg(), True),
+        (FedProx(proximal_mu=0.1), True),
+        (FedAvgM(server_momentum=0.9), True),
+        (FedAdam(), True),
+        (FedAvg(train_metrics_aggr_fn=lambda records, key: MetricRecord()), False),
+        (_OwnAggregate(), False),
+        (FedMedian(), False),
+        (FedTrimmedAvg(), False),
+        (FOT(), False),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, bool) else str(v),
+)
+def test_only_linear_fedavg_family_aggregation_is_summed(strategy, summed):
+    assert (sum_plan(strategy) is not None) is summed
+
+
+RUN = [
+    "dataset.name=digits",
+    "scenario.num_tasks=1",
+    "clients.num=8",
+    "rounds=3",
+    "train.batch_size=16",
+    "strategy.name=fedavg",
+    "strategy.fraction_train=0.75",
+    "log.progress=false",
+]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_runs_summed_on_actors_match_unsummed_runs_and_any_actor_count(tmp_path):
+    runs = {}
+    for name, extra in {
+        "summed-2": ["engine.num_actors=2"],
+        "summed-1": ["engine.num_actors=1"],
+        "unsummed-2": ["engine.num_actors=2", "engine.sum_on_actors=false"],
+    }.items():
+        result = fedcl.run(None, [*RUN, *extra], out=tmp_path / name)
+        runs[name] = (result, read_jsonl(tmp_path / name / "metrics.jsonl"))
+    summed, unsummed = runs["summed-2"], runs["unsummed-2"]
+    assert [r["summed_on_actors"] for r in summed[1]] == [6, 6, 6]
+    assert [r["summed_on_actors"] for r in unsummed[1]] == [0, 0, 0]
+    # The same bits with one actor or two: the sums are exact.
+    one = runs["summed-1"][0].arrays
+    for name in one:
+        assert one[name].numpy().tobytes() == summed[0].arrays[name].numpy().tobytes()
+    # Flower's float32 loop and the exact sums agree to float32 rounding (a few rounds' worth).
+    for name in one:
+        np.testing.assert_allclose(
+            summed[0].arrays[name].numpy(), unsummed[0].arrays[name].numpy(), atol=1e-5
+        )
+    for mine, flowers in zip(summed[1], unsummed[1], strict=True):
+        assert mine["train"]["train-loss"] == pytest.approx(flowers["train"]["train-loss"], 1e-4)
