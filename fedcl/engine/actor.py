@@ -59,17 +59,16 @@ class ClientActor:
         if not config["log"]["verbose"]:
             logging.getLogger("flwr").setLevel(logging.WARNING)
         extension = extension or ClientExtension()
-        set_runtime(
-            ClientRuntime(
-                config,
-                scenario,
-                x_train,
-                y_train,
-                tuple(input_shape),
-                num_classes,
-                train_extras=dict(extension.train_extras),
-            )
+        self.runtime = ClientRuntime(
+            config,
+            scenario,
+            x_train,
+            y_train,
+            tuple(input_shape),
+            num_classes,
+            train_extras=dict(extension.train_extras),
         )
+        set_runtime(self.runtime)
         self.app = extension.wrap(load_object(config["client"]["app"], what="client.app"))
         # engine.vectorize, resolved on the driver to "on" or "off" (the same for every actor).
         self.vectorized = (
@@ -77,7 +76,6 @@ class ClientActor:
         )
         self.warned = False
         self.run_id = run_id
-        self.config, self.scenario = config, scenario
         self.num_partitions = scenario.num_clients
         self.run_config = _flat_scalars(config)
         self.contexts: dict[int, Context] = {}
@@ -129,7 +127,8 @@ class ClientActor:
         ordered = [replies[i] for i in range(len(messages))]
         if plan is None:
             return ordered
-        limits = limits_per_node(self.config, self.scenario, plan.server_round, plan.weight_key)
+        config, scenario = self.runtime.config, self.runtime.scenario
+        limits = limits_per_node(config, scenario, plan.server_round, plan.weight_key)
         return sum_replies(messages, ordered, plan, limits)
 
     def _run_app(self, message: Message) -> Message:

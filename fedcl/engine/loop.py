@@ -322,8 +322,10 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenar
     # (seed, round) makes their sampling reproducible and independent of earlier rounds.
     random.seed(derive_seed(cfg.seed, "sample", server_round))
     messages = strategy_calls.configure_train(strategy, server_round, arrays, ConfigRecord(), grid)
-    plan = sum_plan(strategy, server_round) if cfg.engine.sum_on_actors else None
-    if plan is None:
+    # Only fedcl's RayGrid has actors that can sum; any other Flower Grid gets every reply.
+    can_sum = cfg.engine.sum_on_actors and isinstance(grid, RayGrid)
+    plan = sum_plan(strategy, server_round) if can_sum else None
+    if plan is None:  # Flower's own signature
         replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
     else:
         replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s, plan=plan))
