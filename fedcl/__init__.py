@@ -5,6 +5,8 @@ The public API (everything else is private by convention):
 - `run(config, *overrides, out=None, progress=None, **values)` runs one experiment and returns a
   `RunResult` (summary, per-round records, final global arrays, run folder, strategy);
   `run(resume=RUN_DIR)` continues an interrupted run from its latest good checkpoint.
+- `run_seeds(config, *overrides, seeds=[0, 1, 2], out=None, **values)` runs once per seed into
+  `out/seed_<s>/` and writes `out/summary.json` (mean, std, n of every scalar metric).
 - `ContinualStrategy`: the hooks a Flower strategy may add (task start/end per client and global,
   drift, deletion, run start), with `ScenarioInfo`, `DriftEvent` and `DeletionRequest`.
 - `ClientExtension`: a strategy's client half (query handlers, train extras), installed on every
@@ -25,6 +27,7 @@ from fedcl.errors import ConfigError, DatasetError, FedclError, StrategyError
 if TYPE_CHECKING:
     from fedcl.api import run
     from fedcl.engine.loop import RunResult
+    from fedcl.reports.seeds import run_seeds
     from fedcl.strategies import register_strategy
     from fedcl.strategies.base import (
         ClientExtension,
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": "fedcl.api",
     "RunResult": "fedcl.engine.loop",
+    "run_seeds": "fedcl.reports.seeds",
     "register_strategy": "fedcl.strategies",
     "ClientExtension": "fedcl.strategies.base",
     "ContinualStrategy": "fedcl.strategies.base",
@@ -72,4 +76,5 @@ __all__ = [
     "query_nodes",
     "register_strategy",
     "run",
+    "run_seeds",
 ]

@@ -30,6 +30,7 @@ def run(
     ``fedcl.run(path, **{"strategy.target": "pkg.mod:Cls"})``. Validation and errors are the
     CLI's: a bad key or value raises a one-line `fedcl.ConfigError` before anything is written.
     The run folder is `out` (default ``runs/<name>-<time>``), written as by ``fedcl run``.
+    Several seeds in one call: `fedcl.run_seeds` (``fedcl run --seeds``).
 
     ``run(resume=RUN_DIR)`` continues the run in RUN_DIR (config from its config.yaml; no
     config, overrides or `out` then) from its latest good checkpoint, as ``fedcl run --resume``:

@@ -1,4 +1,4 @@
-"""`fedcl run | strategies | bench`: argument parsing and messages only."""
+"""`fedcl run | strategies | bench | compare | report`: argument parsing and messages only."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its latest good checkpoint (its config.yaml "
         "gives the config); a run that completed is left as it is (exit 0)",
     )
+    from fedcl.reports.cli import add_seeds_argument  # light: argparse only
+
+    add_seeds_argument(run)
     strategies = commands.add_parser(
         "strategies", help="list the registered strategies and their arguments"
     )
@@ -44,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     from fedcl.bench.cli import add_arguments  # light: argparse only
 
     add_arguments(bench)
+    from fedcl.reports.cli import add_compare_arguments, add_report_arguments
+
+    add_compare_arguments(
+        commands.add_parser("compare", help="put runs or multi-seed runs side by side")
+    )
+    add_report_arguments(
+        commands.add_parser("report", help="write a one-page report.html into a run folder")
+    )
     return parser
 
 
@@ -52,6 +63,10 @@ def _run(args: argparse.Namespace) -> int:
     from fedcl.api import run
 
     progress = False if args.quiet else None
+    if args.seeds is not None:
+        from fedcl.reports.cli import run_seeds_from_args
+
+        return run_seeds_from_args(args, progress)
     if args.resume is None and args.config is None:
         raise FedclError("fedcl run needs an experiment config (or --resume RUN_DIR)")
     if args.resume is not None:
@@ -75,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    keys = ("acc", "bwt", "forgetting", "rounds", "wall_s", "client_updates_per_s")
+    keys = ("acc", "fgt", "forgetting_max", "rounds", "wall_s", "client_updates_per_s")
     print(json.dumps({k: summary.get(k) for k in keys}))
     print(f"run folder: {result.out_dir}")
     return 0
@@ -100,7 +115,25 @@ def _bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-COMMANDS = {"run": _run, "strategies": _strategies, "bench": _bench}
+def _compare(args: argparse.Namespace) -> int:
+    from fedcl.reports.cli import compare_from_args
+
+    return compare_from_args(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedcl.reports.cli import report_from_args
+
+    return report_from_args(args)
+
+
+COMMANDS = {
+    "run": _run,
+    "strategies": _strategies,
+    "bench": _bench,
+    "compare": _compare,
+    "report": _report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ class DatasetConfig:
     # Where generated datasets (mnist1d, gaussian) are cached: None means $FEDCL_CACHE, else
     # ~/.cache/fedcl; off (or false) turns the cache off.
     cache_dir: str | None = None
+    # Share of each task's training data held out (stratified by class, seeded) for validation
+    # metrics (val_acc, ...); never trained on. 0: no validation split.
+    validation: float = 0.0
 
 
 @dataclass
@@ -150,6 +153,18 @@ class EvalConfig:
 
     batch_size: int = 1024
     forward_transfer: bool = True
+    # Evaluate every k rounds (always at each task's last round and the final round); the
+    # stability-gap metrics are then computed at that resolution.
+    every: int = 1
+
+
+@dataclass
+class MetricsConfig:
+    """How summary metrics are computed from the evaluations."""
+
+    # Drift recovery: a drift event's accuracy has recovered once it is back within this
+    # (absolute) of the accuracy before the event.
+    recovery_tolerance: float = 0.02
 
 
 @dataclass
@@ -166,6 +181,26 @@ class CheckpointConfig:
     keep: int = 2  # the newest checkpoints kept (an older one serves if the newest is damaged)
 
 
+# Built-in unlearning methods (`fedcl.unlearning.methods`); an import path names a user's own.
+UNLEARNING_METHODS = ("none", "retrain", "native", "finetune", "ascent")
+
+
+@dataclass
+class UnlearningConfig:
+    """What happens to the global model at each delete event (`fedcl.unlearning`): `method` is
+    `none` (the data is only excluded from then on), `retrain`, `native`, `finetune`, `ascent`,
+    or the import path of a function (`module:function`, given `options`). `oracle: true` also
+    runs the same seed with the deleted data absent from the start and measures against it."""
+
+    method: str = "none"
+    oracle: bool = False
+    rounds: int = 2  # finetune and ascent: rounds of fine-tuning on the retained data
+    ascent_lr: float = 0.01  # ascent: step size of gradient ascent on the forget set
+    ascent_epochs: int = 1  # ascent: epochs over each affected client's forget set
+    ascent_bound: float = 1.0  # ascent: largest L2 norm of the ascent's change to the model
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user method
+
+
 @dataclass
 class LogConfig:
     """What the user sees while a run goes."""
@@ -174,6 +209,8 @@ class LogConfig:
     verbose: bool = False
     # Record the sample ids each client trained on per round (trained_samples/, compressed).
     trained_samples: bool = True
+    # Scalars per round to TensorBoard (run folder's tensorboard/); needs `fedcl[tensorboard]`.
+    tensorboard: bool = False
 
 
 @dataclass
@@ -199,7 +236,9 @@ class FedclConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     screen: ScreenConfig = field(default_factory=ScreenConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -441,10 +480,17 @@ RANGES: dict[str, Bound] = {
     "screen.max_update_norm": POSITIVE,
     "screen.max_rejected": NON_NEGATIVE,
     "eval.batch_size": AT_LEAST_1,
+    "eval.every": AT_LEAST_1,
+    "metrics.recovery_tolerance": UNIT,
+    "dataset.validation": Bound(0, 1, high_open=True),
     "checkpoint.every": NON_NEGATIVE,
     "checkpoint.every_s": NON_NEGATIVE,
     "checkpoint.keep": AT_LEAST_1,
     "checkpoint.max_overhead": UNIT,
+    "unlearning.rounds": NON_NEGATIVE,
+    "unlearning.ascent_lr": POSITIVE,
+    "unlearning.ascent_epochs": AT_LEAST_1,
+    "unlearning.ascent_bound": POSITIVE,
 }
 
 
@@ -529,6 +575,12 @@ def validate(cfg: DictConfig) -> None:
         f"unknown engine.vectorize '{cfg.engine.vectorize}'; valid: {', '.join(VECTORIZE)}",
     )
     _check(":" in cfg.client.app, f"client.app must be 'module:attribute', got '{cfg.client.app}'")
+    method = cfg.unlearning.method
+    _check(
+        method in UNLEARNING_METHODS or ":" in method,
+        f"unknown unlearning.method '{method}'; valid: {', '.join(UNLEARNING_METHODS)} or an "
+        "import path 'module:function'",
+    )
     strategy = cfg.strategy
     _check(
         strategy.get("name") is not None or strategy.get("target") is not None,

@@ -164,6 +164,9 @@ class ContinualStrategy:
     """
 
     scenario: ScenarioInfo | None = None
+    # True when `on_delete` removes a deleted contribution exactly: the state afterwards equals
+    # one never given the data (what `unlearning.method=native` requires).
+    exact_deletion: bool = False
 
     def state_dict(self) -> RecordDict:
         """The strategy's state as plain Flower records, for checkpoints: what `load_state_dict`

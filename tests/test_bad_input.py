@@ -483,7 +483,11 @@ def _ray_processes_of(marker: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl-c", "ctrl-c twice"])
+@pytest.mark.parametrize(
+    "presses",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # twice: outside CI (-m slow)
+    ids=["ctrl-c", "ctrl-c twice"],
+)
 def test_ctrl_c_during_ray_start_up_exits_130_and_leaves_no_ray_process(presses, tmp_path):
     # A short temp dir: Ray's socket paths must fit in 107 characters.
     ray_tmp = tempfile.mkdtemp(prefix="fcli-", dir="/tmp")

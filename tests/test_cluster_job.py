@@ -148,6 +148,7 @@ def documented_route() -> list[str]:
     return shlex.split(next(line for line in lines if line.strip().startswith("ray job submit")))
 
 
+@pytest.mark.slow  # starts a Ray head with its dashboard: outside CI (-m slow)
 def test_ray_job_submit_runs_a_simulation_on_the_head(ray_head):
     args = documented_route()
     assert args[args.index("--working-dir") + 1] == "."

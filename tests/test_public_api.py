@@ -33,6 +33,7 @@ def _penalties(out: Path) -> list[float]:
     return [r["train"]["ewc-penalty"] for r in read_jsonl(out / "metrics.jsonl")]
 
 
+@pytest.mark.slow  # a CLI subprocess with its own Ray: outside CI (-m slow)
 def test_example_strategy_runs_by_import_path_from_the_cli_with_its_client_half(tmp_path):
     out = tmp_path / "cli"
     done = _cli("run", "examples/momentum_ewc.yaml", *EXAMPLE, "--out", str(out), "--quiet")

@@ -7,8 +7,10 @@ Definitions (the same for every row):
 - start-up: wall time - rounds x steady-state seconds per round (everything that is not steady
   rounds: Ray and actor start, node registration, first-round warm-up); where fedcl generates the
   data set inside `fedcl.run` (no dataset cache), the bench's own generation time is taken out;
-- bytes per round: computed from message sizes, model bytes x clients sampled x 2 (down and up),
-  0 for the in-process loops;
+- bytes per round: for fedcl, measured (``bytes_sent`` + ``bytes_received`` of its round records:
+  what Ray serialized between driver and actors, median after the first round); for Flower,
+  computed from message sizes, model bytes x clients sampled x 2 (down and up); 0 for the
+  in-process loops;
 - lean ratio: updates/s / (lean loop updates/s x cores the row used).
 """
 
@@ -59,12 +61,15 @@ def derive_row(
     generated = generate_s if engine == "fedcl" else 0.0
     startup = max(0.0, raw["wall_s"] - rounds * round_s - generated)
     moved = 0 if engine in IN_PROCESS else raw["model_bytes"] * per_round * 2
+    if raw.get("bytes_moved"):
+        moved = steady(raw["bytes_moved"])
     return {
         "round_s": round_s,
         "updates_per_s": sampled / round_s if round_s > 0 else math.inf,
         "startup_s": startup,
         "generate_s_taken_out": generated,
         "bytes_per_round": moved,
+        "bytes_measured": bool(raw.get("bytes_moved")),
         "mb_per_round": moved / 1e6,
         "rounds_run": rounds,
     }

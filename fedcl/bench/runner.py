@@ -161,7 +161,8 @@ def run_bench(
         "s/round: median of the rounds after the first; updates/s = clients per round / s/round.",
         "start-up: wall - rounds x s/round (Ray start, actors, node registration, first-round "
         "warm-up).",
-        "MB/round: computed from message sizes, model bytes x clients sampled x 2 (down and up).",
+        "MB/round: fedcl's measured (what Ray serialized between driver and actors); Flower's "
+        "computed, model bytes x clients sampled x 2 (down and up).",
         "x lean·cores: updates/s / (lean loop updates/s x cores the row used).",
         "peak MiB: RSS of driver plus Ray actors, sampled every 0.2 s (shared pages counted in "
         "each process); peak_rss_tree_mib in the JSON adds Ray's own processes.",

@@ -101,6 +101,11 @@ def run_fedcl(workload: Workload, num_actors: int | None, overrides: list[str]) 
         "client_updates": int(summary["client_updates"]),
         "cores": int(summary["num_actors"]),
         "model_bytes": int(model_bytes),
+        "bytes_moved": [
+            int(r["bytes_sent"]) + int(r["bytes_received"])
+            for r in records
+            if "bytes_sent" in r and "bytes_received" in r
+        ],
         "final_acc": float(summary.get("acc", float("nan"))),
         # Where fedcl has engine.vectorize: how it resolved it (auto/on may fall back to off).
         "vectorized": summary.get("vectorized"),

@@ -30,7 +30,7 @@ from fedcl.client import replay
 from fedcl.client.messages import client_of, single_record, to_array_record
 from fedcl.client.runtime import ClientRuntime, current_runtime
 from fedcl.client.training import TrainStats, accuracy, train_local
-from fedcl.client.vectorized import ClientBatchData, train_clients_vectorized
+from fedcl.client.vectorized import ClientBatchData, stacked_state, train_clients_stacked
 from fedcl.protocol import (
     ARRAYS,
     AUDIT_KEY,
@@ -118,14 +118,15 @@ def reply(
     msg: Message,
     context: Context,
     job: TrainJob,
-    model: nn.Module,
+    model: nn.Module | None,
     stats: TrainStats,
     *,
     vectorized: bool = False,
 ) -> Message:
     """The train reply: the trained weights, metrics (``train-vectorized``: 1 when trained with
     other clients in one batch), audit ids and the strategy's train extras; also offers the
-    round's samples to the client's replay buffer."""
+    round's samples to the client's replay buffer. With `model` None, the reply carries neither
+    weights nor extras (the caller keeps the weights, see `StackedArrays`)."""
     runtime = current_runtime()
     view = job.view
     metrics = MetricRecord(
@@ -140,12 +141,11 @@ def reply(
     )
     used = view.ids[stats.rows_used].astype("<i8")
     content = RecordDict(
-        {
-            ARRAYS: to_array_record(model.state_dict()),
-            METRICS: metrics,
-            AUDIT_KEY: ConfigRecord({AUDIT_SAMPLE_IDS: used.tobytes()}),
-        }
+        {METRICS: metrics, AUDIT_KEY: ConfigRecord({AUDIT_SAMPLE_IDS: used.tobytes()})}
     )
+    if model is None:
+        return Message(content, reply_to=msg)
+    content[ARRAYS] = to_array_record(model.state_dict())
     for key, extra in runtime.train_extras.items():
         if key in job.config:
             for name, record in extra(model, view.x, view.y, job.config, context).items():
@@ -186,7 +186,15 @@ def train(msg: Message, context: Context) -> Message:
     runtime = current_runtime()
     job = prepare(msg, context)
     model = runtime.load_model(single_record(msg.content.array_records, "ArrayRecord"))
-    stats = train_local(
+    stats = train_job(model, job)
+    return reply(msg, context, job, model, stats)
+
+
+def train_job(model: nn.Module, job: TrainJob) -> TrainStats:
+    """Train `model` (holding the global weights) in place on `job` with the run's SGD settings:
+    the one training step of `train` and of `train_many`'s one-by-one path."""
+    runtime = current_runtime()
+    return train_local(
         model,
         job.view.x,
         job.view.y,
@@ -196,46 +204,129 @@ def train(msg: Message, context: Context) -> Message:
         seed=job.seed,
         device=runtime.device,
     )
-    return reply(msg, context, job, model, stats)
 
 
-def train_vectorized(
-    messages: Sequence[Message], contexts: Sequence[Context]
+@dataclass(frozen=True)
+class StackedArrays:
+    """The trained model arrays of several train replies, kept stacked instead of in the replies.
+
+    Attributes
+    ----------
+    positions : list[int]
+        The replies (indices into the messages given to `train_many`) whose arrays these are, in
+        row order; those replies carry no ``arrays`` record.
+    arrays : dict[str, np.ndarray]
+        Per array name of the model record, in its order: a (len(positions), *shape) array, row i
+        for the reply at ``positions[i]``.
+    """
+
+    positions: list[int]
+    arrays: dict[str, np.ndarray]
+
+
+def train_many(
+    messages: Sequence[Message],
+    contexts: Sequence[Context],
+    *,
+    vectorize: bool,
+    stacked: list[StackedArrays] | None = None,
 ) -> list[Message | None]:
-    """`train` for all of one actor's train messages of a round at once (``engine.vectorize``):
-    the clients that received the same model and FedProx μ train together with `torch.func`
-    (`train_clients_vectorized`); each reply equals `train`'s to float32 rounding. A client whose
-    preparation fails gets None: run it through the ClientApp, which reports its failure as for
-    any client."""
+    """`train` for all of one actor's train messages of a round at once.
+
+    With `vectorize` (``engine.vectorize``), the clients that received the same model and FedProx
+    μ train together with `torch.func` (`train_clients_stacked`); each reply equals `train`'s to
+    float32 rounding. Without, each client trains alone with `train_local`, bit for bit as in
+    `train`; that pays only with `stacked`, so without it every client is left to the ClientApp.
+
+    Given a `stacked` list, the trained arrays of replies that carry nothing else built from the
+    model (no strategy train extras) are appended to it as `StackedArrays` instead of being put
+    into their replies: for a caller that sums them (`fedcl.engine.summation.sum_replies`).
+
+    A client whose preparation or training fails gets None: run it through the ClientApp, which
+    reports its failure as for any client.
+    """
     runtime = current_runtime()
-    replies: dict[int, Message | None] = {}
+    replies: dict[int, Message | None] = dict.fromkeys(range(len(messages)))
     groups: dict[tuple, list[tuple[int, TrainJob]]] = {}
     for i, (msg, context) in enumerate(zip(messages, contexts, strict=True)):
         try:
             job = prepare(msg, context)
         except Exception:  # this client's failure only; `train` will raise it again, reported
-            replies[i] = None
             continue
         arrays = single_record(msg.content.array_records, "ArrayRecord")
         key = (tuple(id(a) for a in arrays.values()), job.proximal_mu)
         groups.setdefault(key, []).append((i, job))
     for members in groups.values():
-        first = messages[members[0][0]]
-        model = runtime.load_model(single_record(first.content.array_records, "ArrayRecord"))
-        data = [
-            ClientBatchData(job.view.x, job.view.y, job.seed, job.class_mask) for _, job in members
-        ]
-        results = train_clients_vectorized(
-            model,
-            data,
-            **sgd_settings(runtime),
-            proximal_mu=members[0][1].proximal_mu,
-            device=runtime.device,
+        keep = stacked is not None and not any(
+            key in job.config for key in runtime.train_extras for _, job in members
         )
-        for (i, job), result in zip(members, results, strict=True):
-            model.load_state_dict(result.state)
-            replies[i] = reply(messages[i], contexts[i], job, model, result.stats, vectorized=True)
+        if vectorize:
+            _train_vectorized(messages, contexts, members, keep, stacked, replies)
+        elif keep:
+            _train_each(messages, contexts, members, stacked, replies)
     return [replies[i] for i in range(len(messages))]
+
+
+def _train_vectorized(
+    messages: Sequence[Message],
+    contexts: Sequence[Context],
+    members: list[tuple[int, TrainJob]],
+    keep: bool,
+    stacked: list[StackedArrays] | None,
+    replies: dict[int, Message | None],
+) -> None:
+    """Train `members` (one model, one μ) together; their replies go into `replies`, their
+    arrays into `stacked` if `keep`."""
+    runtime = current_runtime()
+    first = messages[members[0][0]]
+    model = runtime.load_model(single_record(first.content.array_records, "ArrayRecord"))
+    data = [ClientBatchData(job.view.x, job.view.y, job.seed, job.class_mask) for _, job in members]
+    trained = train_clients_stacked(
+        model,
+        data,
+        **sgd_settings(runtime),
+        proximal_mu=members[0][1].proximal_mu,
+        device=runtime.device,
+    )
+    state = stacked_state(model, trained.params, len(members))
+    if keep and stacked is not None:
+        arrays = {name: values.detach().cpu().numpy() for name, values in state.items()}
+        stacked.append(StackedArrays([i for i, _ in members], arrays))
+    for row, ((i, job), stats) in enumerate(zip(members, trained.stats, strict=True)):
+        if keep:
+            replies[i] = reply(messages[i], contexts[i], job, None, stats, vectorized=True)
+        else:
+            model.load_state_dict({name: values[row] for name, values in state.items()})
+            replies[i] = reply(messages[i], contexts[i], job, model, stats, vectorized=True)
+
+
+def _train_each(
+    messages: Sequence[Message],
+    contexts: Sequence[Context],
+    members: list[tuple[int, TrainJob]],
+    stacked: list[StackedArrays],
+    replies: dict[int, Message | None],
+) -> None:
+    """Train `members` (one model, one μ) one by one as `train` does; their replies go into
+    `replies`, their arrays into `stacked`."""
+    runtime = current_runtime()
+    arrays = single_record(messages[members[0][0]].content.array_records, "ArrayRecord")
+    rows: dict[str, np.ndarray] = {}
+    done: list[int] = []
+    for i, job in members:
+        try:
+            model = runtime.load_model(arrays)
+            stats = train_job(model, job)
+        except Exception:  # this client's failure only; the ClientApp reports it
+            continue
+        for name, values in model.state_dict().items():
+            if name not in rows:
+                rows[name] = np.empty((len(members), *values.shape), values.numpy().dtype)
+            rows[name][len(done)] = values.numpy()
+        replies[i] = reply(messages[i], contexts[i], job, None, stats)
+        done.append(i)
+    if done:
+        stacked.append(StackedArrays(done, {name: a[: len(done)] for name, a in rows.items()}))
 
 
 @app.evaluate()

@@ -62,7 +62,17 @@ class ClientRuntime:
         if "model" not in self._cache:
             self._cache["model"] = self.new_model()
         model = self._cache["model"]
-        model.load_state_dict(self._decoded(arrays))
+        tensors = self._decoded(arrays)
+        loaded = self._cache.get("loaded")
+        if loaded is not None and loaded[0] is tensors:
+            # The same arrays as the last load (the next client of a round): load_state_dict has
+            # checked names and shapes already, so a plain copy per tensor does (~10x cheaper).
+            with torch.no_grad():
+                torch._foreach_copy_(loaded[1], loaded[2])
+            return model
+        model.load_state_dict(tensors)
+        state = model.state_dict(keep_vars=True)
+        self._cache["loaded"] = (tensors, list(state.values()), [tensors[k] for k in state])
         return model
 
     def _decoded(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:

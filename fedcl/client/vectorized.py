@@ -14,6 +14,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,18 +143,18 @@ def _state_dict(model: nn.Module, trained: Tensors) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class StackedResult:
+    """Every client's outcome of `train_clients_stacked`, stacked: row k is client k."""
+
+    params: Tensors  # trainable parameter name -> (K, *shape), on the training device
+    stats: list[TrainStats]
+
+
 def train_clients_vectorized(
     model: nn.Module,
     datasets: Sequence[ClientBatchData],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
-    max_steps: int | None = None,
-    device: str = "cpu",
+    **settings: Any,
 ) -> list[VectorizedResult]:
     """Train one copy of `model` per entry of `datasets`, all at once; `model` is left unchanged.
 
@@ -173,8 +174,34 @@ def train_clients_vectorized(
     at lr 0.1), the ordinary sensitivity of SGD, not a different algorithm. Steps, examples and
     rows used agree exactly.
 
+    Keyword settings are those of `train_clients_stacked`. Results come back on the CPU in the
+    order of `datasets`.
+    """
+    stacked = train_clients_stacked(model, datasets, **settings)
+    return [
+        VectorizedResult(_state_dict(model, {n: p[k] for n, p in stacked.params.items()}), stats)
+        for k, stats in enumerate(stacked.stats)
+    ]
+
+
+def train_clients_stacked(
+    model: nn.Module,
+    datasets: Sequence[ClientBatchData],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    max_steps: int | None = None,
+    device: str = "cpu",
+) -> StackedResult:
+    """`train_clients_vectorized`'s training, with the trained parameters left stacked (row k:
+    client k of `datasets`) rather than copied out per client: what a caller that reduces over
+    clients (sums, screens) wants. `model` is left unchanged.
+
     Needs a model `can_vectorize` accepts (raises ValueError on one it rejects without a probe).
-    Training runs on `device`; results come back on the CPU in the order of `datasets`.
     """
     reason = _static_reason(model)
     if reason is not None:
@@ -200,23 +227,47 @@ def train_clients_vectorized(
         proximal_mu=proximal_mu,
         device=device,
     )
-    results: list[VectorizedResult] = []
+    # Back to the order of `datasets`; a client without data keeps the starting weights.
     position = {k: i for i, k in enumerate(order)}
+    if len(order) == len(datasets) and order == sorted(order):
+        stacked = params
+    else:
+        rows = [position.get(k, len(order)) for k in range(len(datasets))]
+        index = torch.tensor(rows, device=device)
+        stacked = {
+            n: torch.cat([params[n], trainable[n].to(device).unsqueeze(0)]).index_select(0, index)
+            if params
+            else trainable[n].to(device).unsqueeze(0).expand(len(datasets), *trainable[n].shape)
+            for n in trainable
+        }
+    stats = []
     for k, batches in enumerate(plans):
         if not batches:
-            stats = TrainStats(0.0, 0, 0, np.zeros(0, dtype=np.int64))
-            results.append(VectorizedResult(_state_dict(model, trainable), stats))
+            stats.append(TrainStats(0.0, 0, 0, np.zeros(0, dtype=np.int64)))
             continue
-        i = position[k]
-        stats = TrainStats(
-            loss=float(total_loss[i]) / len(batches),
-            steps=len(batches),
-            examples=sum(len(b) for b in batches),
-            rows_used=np.unique(torch.cat(batches).numpy()),
+        stats.append(
+            TrainStats(
+                loss=float(total_loss[position[k]]) / len(batches),
+                steps=len(batches),
+                examples=sum(len(b) for b in batches),
+                rows_used=np.unique(torch.cat(batches).numpy()),
+            )
         )
-        state = _state_dict(model, {n: p[i] for n, p in params.items()})
-        results.append(VectorizedResult(state, stats))
-    return results
+    return StackedResult(stacked, stats)
+
+
+def stacked_state(model: nn.Module, stacked: Tensors, clients: int) -> dict[str, torch.Tensor]:
+    """The (clients, *shape) tensors laid out as model.state_dict(): trained parameters from
+    `stacked`, frozen parameters and buffers (unchanged by training) broadcast from `model`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        name = names.get(id(value))
+        if name in stacked:
+            state[key] = stacked[name]
+        else:
+            state[key] = value.detach().unsqueeze(0).expand(clients, *value.shape)
+    return state
 
 
 def _train_stacked(

@@ -3,6 +3,7 @@ factory that starts the run's actors (and any replacement of a dead one) all ali
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from flwr.app.message.message import make_message
 from flwr.common import MessageType
 from threadpoolctl import threadpool_limits
 
-from fedcl.client.app import rebuild_state, train_vectorized
+from fedcl.client.app import StackedArrays, rebuild_state, train_many
 from fedcl.client.runtime import ClientRuntime, set_runtime
 from fedcl.config import DEFAULT_APP
 from fedcl.engine.flower_compat import assign_message_id, error_reply, own_copy, partition_of
@@ -26,10 +27,22 @@ from fedcl.engine.replies import limits_per_node
 from fedcl.engine.summation import ArraySum, SumPlan, sum_replies
 from fedcl.errors import FedclError
 from fedcl.imports import load_object
+from fedcl.metrics.system import peak_rss_bytes
 from fedcl.scenario.scenario import Scenario
 from fedcl.strategies.base import ClientExtension
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorResult:
+    """What one `ClientActor.handle` call returns: a reply per message, in order, the sum of the
+    replies summed on the actor (None: nothing was to be summed), and the actor process's peak
+    resident memory so far (bytes; reported with every call, so measuring it costs no call)."""
+
+    replies: list[Message]
+    total: ArraySum | None
+    peak_rss: int
 
 
 class ClientActor:
@@ -71,9 +84,8 @@ class ClientActor:
         set_runtime(self.runtime)
         self.app = extension.wrap(load_object(config["client"]["app"], what="client.app"))
         # engine.vectorize, resolved on the driver to "on" or "off" (the same for every actor).
-        self.vectorized = (
-            config["engine"]["vectorize"] == "on" and config["client"]["app"] == DEFAULT_APP
-        )
+        self.default_app = config["client"]["app"] == DEFAULT_APP
+        self.vectorized = config["engine"]["vectorize"] == "on" and self.default_app
         self.warned = False
         self.run_id = run_id
         self.num_partitions = scenario.num_clients
@@ -104,9 +116,10 @@ class ClientActor:
         batch: list[tuple[Any, int]],
         contents: dict[int, ray.ObjectRef],
         plan: SumPlan | None = None,
-    ) -> list[Message] | tuple[list[Message], ArraySum]:
+    ) -> ActorResult:
         """Run the ClientApp on each (metadata, content key) in order; return one reply per message
-        (with `plan`: and the sum of the train replies it could sum, which became stubs).
+        (with `plan`: and the sum of the train replies it could sum, which became stubs) and the
+        process's peak memory.
 
         `contents` holds each distinct message content once (strategies send one shared RecordDict
         to all sampled nodes); each message gets its own copy (`own_copy`: the array bytes are
@@ -119,17 +132,22 @@ class ClientActor:
         trains = [i for i, m in enumerate(messages) if m.metadata.message_type == MessageType.TRAIN]
         # Even a lone client trains through the vectorized path: a client's arithmetic must not
         # depend on how many others share its actor (same metrics with any number of actors).
-        if self.vectorized and trains:
-            replies.update(self._train_together([messages[i] for i in trains], trains))
+        stacked: list[StackedArrays] | None = [] if plan is not None else None
+        # Trained on the default ClientApp's own path: vectorized, or, when the replies are
+        # summed here, one by one with the weights kept for the sum rather than put in replies.
+        if trains and (self.vectorized or (self.default_app and stacked is not None)):
+            together = self._train_together([messages[i] for i in trains], trains, stacked)
+            replies.update(together)
         for i, message in enumerate(messages):
             if i not in replies:
                 replies[i] = self._run_app(message)
         ordered = [replies[i] for i in range(len(messages))]
-        if plan is None:
-            return ordered
-        config, scenario = self.runtime.config, self.runtime.scenario
-        limits = limits_per_node(config, scenario, plan.server_round, plan.weight_key)
-        return sum_replies(messages, ordered, plan, limits)
+        total = None
+        if plan is not None:
+            config, scenario = self.runtime.config, self.runtime.scenario
+            limits = limits_per_node(config, scenario, plan.server_round, plan.weight_key)
+            ordered, total = sum_replies(messages, ordered, plan, limits, stacked or ())
+        return ActorResult(ordered, total, peak_rss_bytes())
 
     def _run_app(self, message: Message) -> Message:
         """The ClientApp's reply to `message`; a client's failure becomes an Error reply."""
@@ -141,17 +159,29 @@ class ClientActor:
             reply = error_reply(message, reason)
         return reply
 
-    def _train_together(self, messages: list[Message], positions: list[int]) -> dict[int, Message]:
-        """The default ClientApp's train replies for `messages`, trained as one vectorized batch;
-        if that fails as a whole, each is trained alone (said once per actor)."""
+    def _train_together(
+        self,
+        messages: list[Message],
+        positions: list[int],
+        stacked: list[StackedArrays] | None = None,
+    ) -> dict[int, Message]:
+        """The default ClientApp's train replies for `messages` (at `positions` of the call's
+        messages), from `train_many`; if vectorized training fails as a whole, each is trained
+        alone (said once per actor). Given `stacked`, the replies' arrays may be left stacked
+        there, positioned among the call's messages."""
         contexts = [self.context(m.metadata.dst_node_id) for m in messages]
+        groups: list[StackedArrays] | None = [] if stacked is not None else None
         try:
-            replies = train_vectorized(messages, contexts)
+            replies = train_many(messages, contexts, vectorize=self.vectorized, stacked=groups)
         except Exception as exc:  # e.g. a model vmap cannot run: the sequential path still works
             if not self.warned:
-                logger.warning("vectorized training failed (%s); training clients one by one", exc)
+                how = "vectorized" if self.vectorized else "batched"
+                logger.warning("%s training failed (%s); training clients one by one", how, exc)
                 self.warned = True
             return {}
+        for group in groups or ():
+            moved = [positions[i] for i in group.positions]
+            stacked.append(dataclasses.replace(group, positions=moved))
         together = {}
         for position, reply in zip(positions, replies, strict=True):
             if reply is not None:  # None: the ClientApp runs it, and reports how it fails

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 
 from fedcl.engine.flower_compat import partition_of
 from fedcl.errors import FedclError
@@ -28,7 +28,9 @@ def pop_trained_ids(replies: list[Message]) -> dict[int, np.ndarray]:
     for reply in replies:
         if reply.has_error() or AUDIT_KEY not in reply.content:
             continue
-        record = reply.content.config_records[AUDIT_KEY]
+        record = reply.content[AUDIT_KEY]  # not `config_records`: rebuilt on every access
+        if not isinstance(record, ConfigRecord):
+            continue
         trained[partition_of(reply.metadata.src_node_id)] = np.frombuffer(
             record[AUDIT_SAMPLE_IDS], dtype="<i8"
         ).copy()
@@ -48,12 +50,15 @@ class DeletionAudit:
         self.deleted = int((scenario.deletion_round != NEVER).sum())
         self.used_after_delete = 0
         self.violations: list[dict[str, int]] = []
+        # The latest round recorded and its ids per client (unlearning tracks first use by them).
+        self.last_trained: tuple[int, dict[int, np.ndarray]] = (0, {})
         self.folder = out_dir / "trained_samples" if out_dir is not None else None
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
     def record(self, server_round: int, trained: dict[int, np.ndarray]) -> None:
         """Check and store the ids each client trained on in `server_round`."""
+        self.last_trained = (server_round, trained)
         # Client order, as trained_samples/ stores them, so recompute_audit lists the same ones.
         for client, ids in sorted(trained.items()):
             bad = int(self.scenario.deleted(ids, server_round).sum())

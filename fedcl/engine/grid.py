@@ -29,9 +29,11 @@ from flwr.supercore.run import Run
 from fedcl.engine.flower_compat import assign_message_id, error_reply, partition_of
 from fedcl.engine.summation import ArraySum, SumPlan
 from fedcl.errors import FedclError
+from fedcl.metrics.system import inline_size, object_sizes
 from fedcl.protocol import SERVER_ROUND
 
 if TYPE_CHECKING:
+    from fedcl.engine.actor import ActorResult
     from fedcl.engine.recovery import ActorRecovery
 
 UNKNOWN_ROUND = int(np.iinfo(np.int64).max)  # a message without a round: after any checkpoint
@@ -60,6 +62,7 @@ class _Call:
     rounds: np.ndarray  # the server round of each message (UNKNOWN_ROUND: none named)
     trains: np.ndarray  # bool: train messages
     attempt: int = 0  # how often it has been sent again
+    sent_bytes: int = 0  # what one sending of it moves: its contents and inline arguments
 
 
 class RayGrid(Grid):
@@ -86,6 +89,9 @@ class RayGrid(Grid):
         self._abandoned: set[str] = set()  # timed out: their late replies are dropped
         self._timed_out: list[int] = []  # nodes whose messages timed out, until taken
         self._sums: list[ArraySum] = []  # the actors' sums of summed replies, until taken
+        self._traffic = [0, 0]  # bytes sent to and received from the actors, until taken
+        # Each actor slot's peak resident memory (bytes), as its latest reply reported it.
+        self.actor_peak_rss = [0] * len(self.actors)
         self._available = self.node_ids
 
     # --- Flower's Grid interface -------------------------------------------------------------
@@ -161,8 +167,11 @@ class RayGrid(Grid):
             nodes.append(node_id)
             call_rounds.append(rounds[key])
             trains.append(message.metadata.message_type == MessageType.TRAIN)
+        sizes = dict(zip(contents, object_sizes(list(contents.values())), strict=True))
         for actor, call in calls.items():
             nodes, call_rounds, trains = per_actor[actor]
+            call.sent_bytes = sum(sizes[key] for key in call.contents)
+            call.sent_bytes += inline_size((call.batch, call.plan))
             call.node_ids = np.asarray(nodes, dtype=np.int64)
             call.rounds = np.asarray(call_rounds, dtype=np.int64)
             call.trains = np.asarray(trains, dtype=bool)
@@ -215,6 +224,13 @@ class RayGrid(Grid):
         sums, self._sums = self._sums, []
         return sums
 
+    def take_traffic(self) -> tuple[int, int]:
+        """(bytes sent to the actors, bytes received from them) since the last call, as Ray
+        serialized them (`fedcl.metrics.system`): each call's message contents and inline
+        arguments, each call's result."""
+        traffic, self._traffic = tuple(self._traffic), [0, 0]
+        return traffic  # type: ignore[return-value]
+
     def take_replacements(self) -> list[dict[str, Any]]:
         """A report of each actor replaced since the last call (`ActorRecovery.replace`)."""
         return self.recovery.take_reports() if self.recovery is not None else []
@@ -227,6 +243,7 @@ class RayGrid(Grid):
     def _submit(self, call: _Call) -> None:
         ref = call.handle.handle.remote(call.batch, call.contents, call.plan)
         self._in_flight[ref] = call
+        self._traffic[0] += call.sent_bytes
 
     def _collect(self, timeout: float | None, wait_for_one: bool = False) -> None:
         """Move finished calls' replies into `_replies`. A call whose actor died is retried on a
@@ -235,6 +252,7 @@ class RayGrid(Grid):
             return
         refs = list(self._in_flight)
         ready, _ = ray.wait(refs, num_returns=1 if wait_for_one else len(refs), timeout=timeout)
+        self._traffic[1] += sum(object_sizes(ready))
         for ref in ready:
             call = self._in_flight.pop(ref)
             try:
@@ -247,13 +265,12 @@ class RayGrid(Grid):
                 continue
             self._deliver(call, result)
 
-    def _deliver(self, call: _Call, result: list[Message] | tuple[list[Message], ArraySum]) -> None:
-        replies = result
-        if isinstance(result, tuple):  # (stubs and unsummed replies, the actor's sum)
-            replies, total = result
-            # An actor's messages time out together (one call): a late sum is dropped with them.
-            if total.count and call.message_ids[0] not in self._abandoned:
-                self._sums.append(total)
+    def _deliver(self, call: _Call, result: ActorResult) -> None:
+        replies, total = result.replies, result.total
+        self.actor_peak_rss[call.actor] = result.peak_rss
+        # An actor's messages time out together (one call): a late sum is dropped with them.
+        if total is not None and total.count and call.message_ids[0] not in self._abandoned:
+            self._sums.append(total)
         if self.recovery is not None:
             answered = np.fromiter((not r.has_error() for r in replies), bool, len(replies))
             self.recovery.journal.record(call.node_ids, call.rounds, call.trains & answered)

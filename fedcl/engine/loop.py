@@ -52,12 +52,22 @@ from fedcl.metrics.continual import continual_summary, stream_summary
 from fedcl.metrics.evaluation import TaskEvaluator, mean
 from fedcl.metrics.plots import plot_run
 from fedcl.metrics.recorder import RunRecorder, check_out_dir
+from fedcl.metrics.run_metrics import evaluation_rounds, run_summary
+from fedcl.metrics.system import system_record
+from fedcl.metrics.tensorboard import TensorBoardObserver, require_tensorboard
 from fedcl.models import model_from_config
 from fedcl.scenario.datasets import ArrayDataset, cache_folder, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_rng, derive_seed
 from fedcl.strategies import build_strategy
 from fedcl.strategies.base import ClientExtension, ContinualStrategy, ScenarioInfo
+from fedcl.unlearning import (
+    Unlearning,
+    UnlearningError,
+    check_unlearning,
+    with_unlearning_handlers,
+)
+from fedcl.unlearning.replica import EngineParts
 
 
 @dataclass
@@ -119,6 +129,8 @@ def _simulate(
     # Everything a user can get wrong is checked before Ray starts, the run folder first.
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     check_out_dir(out_dir, resuming=resume is not None)
+    if cfg.log.tensorboard:
+        require_tensorboard()
     if not cfg.log.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     container = to_container(cfg)
@@ -137,7 +149,8 @@ def _simulate(
     arrays = ArrayRecord(new_model().state_dict())
     import_modules(cfg.imports)
     strategy = build_strategy(container["strategy"], cfg.clients.num)
-    extension = strategy_calls.client_extension(strategy)
+    check_unlearning(cfg, strategy, resuming=resume is not None)
+    extension = with_unlearning_handlers(strategy_calls.client_extension(strategy), cfg)
     load_object(cfg.client.app, what="client.app", expect=ClientApp)
     init_ray(cfg.engine.ray_address, verbose=cfg.log.verbose)
     num_actors = pool_size(
@@ -179,10 +192,16 @@ def _simulate(
         ]
         if cfg.checkpoint.every or cfg.checkpoint.every_s:
             observers.append(CheckpointObserver(recorder, grid, cfg.checkpoint, vectorize))
+        if cfg.log.tensorboard:
+            observers.append(TensorBoardObserver(recorder.out_dir))
         if isinstance(strategy, ContinualStrategy):
             info = scenario_info(cfg, scenario, dataset.num_classes)
             strategy_calls.notify(strategy, "on_run_start", 0, info)
         restored = restore(resume, strategy, grid) if resume is not None else None
+        unlearning = None
+        if cfg.unlearning.method != "none" or cfg.unlearning.oracle:
+            parts = EngineParts(cfg, container, dataset, extension, run_id)
+            unlearning = Unlearning(parts, scenario, recorder.out_dir, arrays)
         try:
             result = _round_loop(
                 cfg,
@@ -194,8 +213,9 @@ def _simulate(
                 observers,
                 recorder.out_dir,
                 restored,
+                unlearning,
             )
-        except StrategyError as exc:
+        except (StrategyError, UnlearningError) as exc:
             recorder.write_summary({"status": "failed", "error": str(exc)})
             raise
         result.summary.update(
@@ -372,8 +392,46 @@ def _unanswered(grid, messages, replies, timeout: float) -> list[tuple[int, str]
     return [(n, late if timed_out is None or n in timed_out else "no reply") for n in missing]
 
 
+@dataclass
+class PlayedRound:
+    """What `train_round` did: the new global arrays, the training step, the clients."""
+
+    arrays: ArrayRecord
+    step: TrainStep
+    online: np.ndarray
+    available: np.ndarray
+    train_s: float
+
+
+def train_round(
+    cfg, strategy, grid, arrays, scenario, server_round, audit, *, task_end_hooks: bool = True
+) -> PlayedRound:
+    """A round after its events: the online clients, training (audited), the task-end hooks
+    (unless `task_end_hooks` is False). The main loop and `fedcl.unlearning`'s replays play
+    rounds through this alone."""
+    available = scenario.available_array(server_round)
+    online = _online_clients(cfg, available, server_round)
+    grid.set_available(node_id_of(online))
+    train_started = time.perf_counter()
+    step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario)
+    train_s = time.perf_counter() - train_started
+    arrays = step.arrays
+    if task_end_hooks:
+        arrays = end_task_hooks(scenario, server_round, strategy, arrays, grid)
+    return PlayedRound(arrays, step, online, available, train_s)
+
+
 def _round_loop(
-    cfg, strategy, grid, arrays, scenario, evaluator, observers, out_dir: Path, restored=None
+    cfg,
+    strategy,
+    grid,
+    arrays,
+    scenario,
+    evaluator,
+    observers,
+    out_dir: Path,
+    restored=None,
+    unlearning=None,
 ) -> RunResult:
     """The rounds, top to bottom (after `restored`'s round, for a resumed run); observers see
     every round's events and record."""
@@ -385,8 +443,11 @@ def _round_loop(
         audit.load_state_dict(restored.audit)
         first = restored.server_round + 1
     updates = sum(record["replies"] for record in records)
+    evaluated = evaluation_rounds(cfg.rounds, cfg.eval.every, scenario.task_end_rounds())
     for observer in observers:
         observer.on_loop_start(first, init_acc, audit)
+    if unlearning is not None:
+        unlearning.start(first, arrays, strategy, grid)
     loop_started = time.perf_counter()
     try:
         for server_round in range(first, cfg.rounds + 1):
@@ -394,15 +455,18 @@ def _round_loop(
             arrays, applied = apply_events(scenario, server_round, strategy, arrays, grid)
             for observer in observers:
                 observer.on_events(server_round, applied)
-            available = scenario.available_array(server_round)
-            online = _online_clients(cfg, available, server_round)
-            grid.set_available(node_id_of(online))
-            train_started = time.perf_counter()
-            step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario)
-            train_s = time.perf_counter() - train_started
-            arrays = end_task_hooks(scenario, server_round, strategy, step.arrays, grid)
+            if unlearning is not None:  # a delete event's method runs before the round trains
+                arrays = unlearning.after_events(server_round, arrays, strategy, grid, audit)
+            played = train_round(cfg, strategy, grid, arrays, scenario, server_round, audit)
+            arrays, step, train_s = played.arrays, played.step, played.train_s
+            online, available = played.online, played.available
             updates += step.succeeded
-            record = _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available)
+            if server_round in evaluated:
+                record = _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available)
+            else:  # eval.every: not evaluated this round
+                record = {"round": server_round, "task": scenario.global_task(server_round)}
+            if isinstance(grid, RayGrid):
+                record.update(system_record(grid))
             record.update(
                 online=len(online),
                 sampled=step.sampled,
@@ -423,11 +487,15 @@ def _round_loop(
             if not step.succeeded:
                 record["no_updates"] = True
             records.append(record)
+            if unlearning is not None:
+                unlearning.after_round(server_round, arrays, strategy, grid, audit)
             for observer in observers:
                 observer.on_round_end(record, arrays, strategy)
     finally:
         for observer in observers:
             observer.close()
+        if unlearning is not None:
+            unlearning.close()
     loop_s = time.perf_counter() - loop_started
     if scenario.is_sequential():
         summary = continual_summary(records, scenario.num_tasks, init_acc)
@@ -442,6 +510,18 @@ def _round_loop(
         deletion_audit=audit.summary(),
         **run_outcome(records),
     )
+    summary.update(
+        run_summary(
+            records,
+            num_tasks=scenario.num_tasks,
+            sequential=scenario.is_sequential(),
+            timeline=scenario.timeline,
+            every=cfg.eval.every,
+            tolerance=cfg.metrics.recovery_tolerance,
+        )
+    )
+    if unlearning is not None:
+        summary["unlearning"] = unlearning.summary(arrays)
     return RunResult(out_dir, summary, records, arrays, strategy)
 
 
@@ -494,6 +574,9 @@ def _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available) -
         "acc_next": scores.acc_next,
         "avg_acc": mean(scores.acc.values()),
     }
+    if scores.val_acc:
+        record["val_acc"] = scores.val_acc
+        record["val_avg_acc"] = mean(scores.val_acc.values())
     if scores.acc_by_concept:
         record["acc_by_concept"] = scores.acc_by_concept
         record["client_acc"] = scores.client_acc

@@ -80,6 +80,7 @@ class ProgressObserver:
 
     def __init__(self, rounds: int, show: bool, max_lines: int = 5) -> None:
         self.show, self.max_lines = show, max_lines
+        self.shown = {"acc": "-", "cur": "-"}  # the last evaluated round's figures
         self.bar = tqdm(total=rounds, desc="fedcl", unit="round", disable=not show, file=sys.stderr)
 
     def on_loop_start(
@@ -94,11 +95,12 @@ class ProgressObserver:
         for line in round_lines(record, self.max_lines) if self.show else []:
             self.bar.write(line, file=sys.stderr)
         task = record["task"]
-        current = record["acc"].get(str(task), float("nan"))
+        if "acc" in record:  # eval.every: rounds not evaluated keep the last figures
+            current = record["acc"].get(str(task), float("nan"))
+            self.shown = {"acc": f"{record['avg_acc']:.3f}", "cur": f"{current:.3f}"}
         self.bar.set_postfix(
             task=task,
-            acc=f"{record['avg_acc']:.3f}",
-            cur=f"{current:.3f}",
+            **self.shown,
             ok=f"{record['replies']}/{record['sampled']}",
         )
         self.bar.update()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.common import MessageType
 from flwr.common.constant import ErrorCode
@@ -114,7 +114,7 @@ def reply_problem(
         return f"no array record '{model_key}' (the model) in the reply"
     problem = _array_problem(content, reference, model_key)
     if problem is None:
-        problem = _metric_problem(content, limits)
+        problem = metric_problem(content, limits)
     if problem is None and limits.max_update_norm is not None:
         record = content.array_records[model_key]
         problem = _norm_problem(record, reference, limits.max_update_norm, limits.norm_floor)
@@ -157,22 +157,28 @@ def _array_problem(content: RecordDict, reference: ArrayRecord, model_key: str) 
     return None
 
 
-def _metric_problem(content: RecordDict, limits: ReplyLimits) -> str | None:
-    for key, metrics in content.metric_records.items():
+def metric_problem(content: RecordDict, limits: ReplyLimits) -> str | None:
+    """`reply_problem`'s judgement of the metric records of a reply's `content`: finite metrics,
+    the weight and ``num-examples`` within `limits`; None if they pass."""
+    records = list(content.metric_records.items())  # a view built anew on every access
+    for key, metrics in records:
         for name, value in metrics.items():
-            if not np.isfinite(np.asarray(value, dtype=float)).all():
+            if isinstance(value, int):
+                continue
+            finite = math.isfinite if isinstance(value, float) else _all_finite
+            if not finite(value):
                 return f"metric '{key}/{name}' is NaN or infinite"
-    if limits.weight_key is not None and _metric(content, limits.weight_key) is None:
+    if limits.weight_key is not None and _metric(records, limits.weight_key) is None:
         return f"metric '{limits.weight_key}' (the strategy's weight) is missing"
     for name in dict.fromkeys([limits.weight_key, NUM_EXAMPLES]):
-        value = _metric(content, name) if name is not None else None
+        value = _metric(records, name) if name is not None else None
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"metric '{name}' is a {type(value).__name__}, not a single number"
         if not value > 0:
             return f"metric '{name}' is {value:g}, not a positive count"
-    examples, held = _metric(content, NUM_EXAMPLES), limits.max_examples
+    examples, held = _metric(records, NUM_EXAMPLES), limits.max_examples
     if held is not None and isinstance(examples, int | float) and examples > held:
         return (
             f"metric '{NUM_EXAMPLES}' is {examples:g}, more than the {held} examples the client "
@@ -181,9 +187,52 @@ def _metric_problem(content: RecordDict, limits: ReplyLimits) -> str | None:
     return None
 
 
-def _metric(content: RecordDict, name: str) -> Any:
-    """The value of metric `name` in the first metric record holding it (None if none does)."""
-    for metrics in content.metric_records.values():
+def stacked_problems(
+    arrays: Mapping[str, np.ndarray], reference: ArrayRecord, limits: Sequence[ReplyLimits]
+) -> list[str | None]:
+    """`reply_problem`'s judgement of the model arrays of several replies at once: row i of each
+    (clients, *shape) array in `arrays` is reply i's, judged against `limits[i]`. None for a row
+    whose arrays pass: the reference's names, shapes and dtype kinds, finite, within the update
+    bound (computed for all rows together, so it may round differently from `reply_problem`'s
+    right at the bound). A failing row's reason is short: `reply_problem` on the whole reply
+    says it in full."""
+    rows = len(limits)
+    names = list(reference.keys())
+    if list(arrays) != names:
+        return [f"arrays {list(arrays)[:3]} are not the global model's {names[:3]}"] * rows
+    problems: list[str | None] = [None] * rows
+    distance = np.zeros(rows)
+    for name in names:
+        want, values = values_of(reference[name]), arrays[name]
+        same_kind = np.can_cast(values.dtype, want.dtype, casting="same_kind")
+        if values.shape != (rows, *want.shape) or not same_kind:
+            return [f"array '{name}' is not shaped like the global model's"] * rows
+        if want.dtype.kind not in "fc":
+            continue
+        flat = values.reshape(rows, -1)
+        finite = np.isfinite(flat).all(axis=1)
+        for row in np.flatnonzero(~finite):
+            problems[row] = f"array '{name}' contains NaN or infinity"
+        if want.dtype.kind == "f":
+            delta = flat - want.reshape(1, -1)
+            distance += np.einsum("ki,ki->k", delta, delta)
+    norm = math.sqrt(_squared_norm(reference))
+    for row, (limit, squared) in enumerate(zip(limits, distance, strict=True)):
+        bound = limit.max_update_norm
+        reach = None if bound is None else bound * max(norm, limit.norm_floor)
+        too_far = reach is not None and not math.sqrt(squared) <= reach
+        if problems[row] is None and too_far:
+            problems[row] = "update norm exceeds screen.max_update_norm"
+    return problems
+
+
+def _all_finite(values: Any) -> bool:
+    return bool(np.isfinite(np.asarray(values, dtype=float)).all())
+
+
+def _metric(records: list[tuple[str, MetricRecord]], name: str) -> Any:
+    """The value of metric `name` in the first of `records` holding it (None if none does)."""
+    for _, metrics in records:
         if name in metrics:
             return metrics[name]
     return None

@@ -20,21 +20,24 @@ reply, as in Flower.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.common import MessageType
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
-from flwr.serverapp.strategy.strategy_utils import (
-    aggregate_metricrecords,
-    validate_message_reply_consistency,
-)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedcl.engine.replies import ReplyLimits, reply_problem
+from fedcl.engine.replies import ReplyLimits, metric_problem, reply_problem, stacked_problems
 from fedcl.npy import array_of, array_record_of, values_of
+from fedcl.protocol import ARRAYS
+
+if TYPE_CHECKING:
+    from fedcl.client.app import StackedArrays
 
 # Flower's aggregate_train methods that reduce the replies by FedAvg's weighted mean first.
 _LINEAR_AGGREGATES = frozenset(
@@ -91,14 +94,26 @@ class ArraySum:
     def add(self, arrays: ArrayRecord, weight: float) -> None:
         """Add `weight` × `arrays`."""
         for name, array in arrays.items():
-            values = values_of(array)
-            self._start(name, values.shape, values.dtype)
-            term = self._scratch_of(name).term
-            # In float64 (not numpy's float32 x scalar): exact for integer weights below 2**29.
-            np.multiply(values, weight, out=term, dtype=np.float64)
-            self._accumulate(name, term)
+            self._add_values(name, values_of(array), weight)
         self.weight += weight
         self.count += 1
+
+    def add_rows(
+        self, arrays: Mapping[str, np.ndarray], rows: Sequence[int], weights: Sequence[float]
+    ) -> None:
+        """Add `weights[j]` × row `rows[j]` of every stacked array ((clients, *shape) each)."""
+        for name, values in arrays.items():
+            for row, weight in zip(rows, weights, strict=True):
+                self._add_values(name, values[row], weight)
+        self.weight += sum(weights)
+        self.count += len(rows)
+
+    def _add_values(self, name: str, values: np.ndarray, weight: float) -> None:
+        self._start(name, values.shape, values.dtype)
+        term = self._scratch_of(name).term
+        # In float64 (not numpy's float32 x scalar): exact for integer weights below 2**29.
+        np.multiply(values, weight, out=term, dtype=np.float64)
+        self._accumulate(name, term)
 
     def merge(self, other: ArraySum) -> None:
         """Add everything `other` holds."""
@@ -153,6 +168,7 @@ def sum_replies(
     replies: Sequence[Message],
     plan: SumPlan,
     limits: Callable[[int], ReplyLimits] | None = None,
+    stacked: Sequence[StackedArrays] = (),
 ) -> tuple[list[Message], ArraySum]:
     """On an actor: sum the train replies that FedAvg would aggregate and replace each by a stub.
 
@@ -161,22 +177,72 @@ def sum_replies(
     values, a valid `plan.weight_key`, the update bound) and holds exactly one ArrayRecord and
     one MetricRecord; any other reply goes to the driver whole, to be screened and aggregated (or
     refused by the strategy) there exactly as without summing.
+
+    The replies listed in `stacked` left their model arrays stacked there (vectorized training);
+    they are screened together (`stacked_problems`) and summed row by row. One that fails goes
+    to the driver whole, its arrays put back, where `reply_problem` says why it is refused.
     """
     total = ArraySum()
-    out = []
-    for request, reply in zip(requests, replies, strict=True):
+    out = list(replies)
+    in_stack: set[int] = set()
+    for group in stacked:
+        in_stack.update(group.positions)
+        rows, weights = _sum_group(requests, out, group, plan, limits)
+        total.add_rows(group.arrays, rows, weights)
+    for i, (request, reply) in enumerate(zip(requests, replies, strict=True)):
+        if i in in_stack:
+            continue
         node_limits = limits(reply.metadata.src_node_id) if limits is not None else None
         summable = _summable(request, reply, plan, node_limits)
         if summable is None:
-            out.append(reply)
             continue
         total.add(reply.content.array_records[plan.array_key], summable)
         stub = RecordDict({SUMMED_KEY: ConfigRecord()})
         for name, record in reply.content.items():
             if name != plan.array_key:
                 stub[name] = record
-        out.append(make_message(reply.metadata, stub))
+        out[i] = make_message(reply.metadata, stub)
     return out, total
+
+
+def _sum_group(
+    requests: Sequence[Message],
+    replies: list[Message],
+    group: StackedArrays,
+    plan: SumPlan,
+    limits: Callable[[int], ReplyLimits] | None,
+) -> tuple[list[int], list[float]]:
+    """The rows of `group` to sum and their weights; the replies of those rows become stubs in
+    `replies`, the others get their arrays back (under `ARRAYS`, where the ClientApp puts them)."""
+    reference = requests[group.positions[0]].content.array_records.get(plan.array_key)
+    members = [replies[i] for i in group.positions]
+    node_limits = [
+        limits(reply.metadata.src_node_id) if limits is not None else ReplyLimits()
+        for reply in members
+    ]
+    problems: list[str | None] = [f"the plan sums '{plan.array_key}'"] * len(members)
+    if plan.array_key == ARRAYS and reference is not None:
+        problems = stacked_problems(group.arrays, reference, node_limits)
+    rows, weights = [], []
+    for row, reply in enumerate(members):
+        content = reply.content
+        weight = None
+        if (
+            problems[row] is None
+            and not reply.has_error()
+            and not content.array_records
+            and len(content.metric_records) == 1
+            and metric_problem(content, node_limits[row]) is None
+        ):
+            weight = _weight(content, plan)
+        if weight is None:
+            arrays = {name: array_of(values[row].copy()) for name, values in group.arrays.items()}
+            content[ARRAYS] = array_record_of(arrays)
+            continue
+        content[SUMMED_KEY] = ConfigRecord()
+        rows.append(row)
+        weights.append(weight)
+    return rows, weights
 
 
 def _summable(
@@ -191,6 +257,11 @@ def _summable(
     reference = request.content.array_records.get(plan.array_key)
     if reference is None or reply_problem(reply, reference, plan.array_key, limits) is not None:
         return None
+    return _weight(content, plan)
+
+
+def _weight(content: RecordDict, plan: SumPlan) -> float | None:
+    """The weight metric of a screened reply with one metric record, if it is a number."""
     weight = next(iter(content.metric_records.values())).get(plan.weight_key)
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         return None
@@ -199,7 +270,10 @@ def _summable(
 
 def is_stub(reply: Message) -> bool:
     """True for a reply whose arrays were summed on its actor."""
-    return not reply.has_error() and SUMMED_KEY in reply.content.config_records
+    if reply.has_error():
+        return False
+    content = reply.content  # not `config_records`: that view is rebuilt on every access
+    return SUMMED_KEY in content and isinstance(content[SUMMED_KEY], ConfigRecord)
 
 
 def combine(replies: Sequence[Message], sums: Sequence[ArraySum], plan: SumPlan) -> list[Message]:
@@ -210,17 +284,70 @@ def combine(replies: Sequence[Message], sums: Sequence[ArraySum], plan: SumPlan)
     The strategy computes the same average from it: a single reply has weight factor 1.
     """
     stubs = [reply for reply in replies if is_stub(reply)]
-    rest = [reply for reply in replies if not is_stub(reply)]
     if not stubs:
-        return rest
+        return list(replies)
+    rest = [reply for reply in replies if not is_stub(reply)]
     total = ArraySum()
     for part in sums:
         total.merge(part)
-    contents = [stub.content for stub in stubs]
-    metric_name = next(iter(contents[0].metric_records))
-    # As FedAvg does before averaging: every client's metrics have the same keys and the weight.
-    validate_message_reply_consistency(contents, plan.weight_key, check_arrayrecord=False)
-    metrics = aggregate_metricrecords(contents, plan.weight_key)
+    metric_name, records = _metric_records_of(stubs, plan.weight_key)
+    metrics = average_metrics(records, plan.weight_key)
     metrics[plan.weight_key] = total.weight
     content = RecordDict({plan.array_key: total.mean(), metric_name: metrics})
     return [make_message(stubs[0].metadata, content), *rest]
+
+
+def _metric_records_of(stubs: Sequence[Message], weight_key: str) -> tuple[str, list[MetricRecord]]:
+    """The stubs' metric record name and records, checked as Flower's
+    `validate_message_reply_consistency` checks replies before FedAvg averages them (same
+    exception, same reasons): one MetricRecord each, the same keys, a single-number weight."""
+    name, records = "", []
+    for stub in stubs:
+        found = [(key, r) for key, r in stub.content.items() if isinstance(r, MetricRecord)]
+        if len(found) != 1:
+            raise InconsistentMessageReplies(
+                reason="Expected exactly one MetricRecord in replies, but found more. "
+                "Skipping aggregation."
+            )
+        name = name or found[0][0]
+        records.append(found[0][1])
+    keys = set(records[0].keys())
+    if any(set(record.keys()) != keys for record in records[1:]):
+        raise InconsistentMessageReplies(
+            reason="All MetricRecords must have the same keys for aggregation. "
+            "This condition wasn't met. Skipping aggregation."
+        )
+    if weight_key not in keys:
+        raise InconsistentMessageReplies(
+            reason=f"Missing required key `{weight_key}` in the MetricRecord of reply messages. "
+            "Cannot average ArrayRecords and MetricRecords. Skipping aggregation."
+        )
+    if any(isinstance(record[weight_key], list) for record in records):
+        raise InconsistentMessageReplies(
+            reason=f"Key `{weight_key}` in the MetricRecord of reply messages must be a single "
+            "value (int or float), but a list was found. Skipping aggregation."
+        )
+    return name, records
+
+
+def average_metrics(records: Sequence[MetricRecord], weight_key: str) -> MetricRecord:
+    """Flower's `aggregate_metricrecords` on the records themselves, with the same arithmetic in
+    the same order (so the same bits), summed in a plain dict: Flower's version re-validates the
+    record on every addition, which cost more than the rest of a round's aggregation."""
+    weights = [record[weight_key] for record in records]
+    total_weight = sum(weights)
+    factors = [w / total_weight for w in weights]
+    out: dict[str, Any] = {}
+    for record, factor in zip(records, factors, strict=True):
+        for key, value in record.items():
+            if key == weight_key:
+                continue
+            if key not in out:
+                out[key] = (
+                    [v * factor for v in value] if isinstance(value, list) else value * factor
+                )
+            elif isinstance(value, list):
+                out[key] = [c + v * factor for c, v in zip(out[key], value, strict=True)]
+            else:
+                out[key] = out[key] + value * factor
+    return MetricRecord(out)

@@ -3,7 +3,8 @@
 Two families, as defined in the project reference (``algorithms.md`` §4):
 
 * Lopez-Paz & Ranzato (GEM, 2017) on the task-end accuracy matrix R: ``acc``, ``bwt``, ``fwt``,
-  plus Chaudhry et al. (2018) ``forgetting``.
+  ``fgt`` (= −BWT, the FGT that FOT and most FCL papers report), plus Chaudhry et al. (2018)
+  max-based forgetting under its own name, ``forgetting_max``.
 * De Lange et al. (2023) on every round's evaluation: ``min_acc``, ``wc_acc``,
   ``windowed_forgetting``.
 
@@ -147,9 +148,10 @@ def continual_summary(
     * ``acc``: mean of A_final over tasks 0..k-1 (Lopez-Paz ACC).
     * ``bwt``: mean over j < k-1 of A_final[j] - R[j, j] (Lopez-Paz BWT, paper's 1/(T-1));
       0.0 when k == 1.
-    * ``forgetting``: mean over j < k-1 of max_{j <= l < k-1} R[l, j] - A_final[j] (Chaudhry);
-      rows l < j are left out of the max because task j had not been trained there. 0.0 when
-      k == 1. Always >= -bwt.
+    * ``fgt``: -bwt (FOT's FGT: mean drop from the task's own end to the final round).
+    * ``forgetting_max``: mean over j < k-1 of max_{j <= l < k-1} R[l, j] - A_final[j]
+      (Chaudhry's max-based forgetting); rows l < j are left out of the max because task j had
+      not been trained there. 0.0 when k == 1. Always >= fgt.
     * ``fwt``: mean over 1 <= j < k of R[j-1, j] - init_acc[j] (Lopez-Paz FWT); 0.0 when k == 1,
       None when ``init_acc`` is not given or no term can be formed.
     * ``min_acc``: mean over tasks j < k-1 of the minimum accuracy on task j over the rounds
@@ -210,7 +212,8 @@ def continual_summary(
     return {
         "acc": _mean(final_acc),
         "bwt": bwt,
-        "forgetting": forgetting,
+        "fgt": None if bwt is None else 0.0 - bwt,
+        "forgetting_max": forgetting,
         "fwt": fwt,
         "min_acc": min_acc,
         "wc_acc": wc_acc,
@@ -228,9 +231,11 @@ def stream_summary(records: Sequence[Mapping], window: int = 10) -> dict[str, fl
     boundaries, recurring tasks): built from every round's evaluation of every seen task.
 
     * ``acc``: mean over the tasks in the final record's ``acc`` of their final accuracy.
-    * ``forgetting``: mean over those tasks of (best accuracy at any earlier round − final).
+    * ``forgetting_max``: mean over those tasks of (best accuracy at any earlier evaluation −
+      final): max-based as Chaudhry's, over every evaluation instead of task ends.
     * ``windowed_forgetting``: as in `continual_summary`, over each task's evaluations.
-    * ``bwt``, ``fwt``, ``min_acc``, ``wc_acc``: None (they need tasks learned once, in order).
+    * ``bwt``, ``fgt``, ``fwt``, ``min_acc``, ``wc_acc``: None (they need tasks learned once, in
+      order).
     * ``tasks_seen``, ``final_round``.
     """
     evals = [r for r in records if ACC in r]
@@ -247,7 +252,8 @@ def stream_summary(records: Sequence[Mapping], window: int = 10) -> dict[str, fl
     return {
         "acc": _mean(list(finals.values())),
         "bwt": None,
-        "forgetting": _mean(drops),
+        "fgt": None,
+        "forgetting_max": _mean(drops),
         "fwt": None,
         "min_acc": None,
         "wc_acc": None,

@@ -32,6 +32,7 @@ class RoundScores:
     acc_next: dict[str, float]
     acc_by_concept: dict[str, dict[str, float]] = field(default_factory=dict)
     client_acc: dict[str, float] = field(default_factory=dict)
+    val_acc: dict[str, float] = field(default_factory=dict)  # on the validation split, if any
 
 
 class TaskEvaluator:
@@ -45,25 +46,44 @@ class TaskEvaluator:
         batch_size: int = 1024,
     ) -> None:
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
+        self.x_train, self.y_train = dataset.x_train, dataset.y_train  # validation samples
         self.num_classes = dataset.num_classes
         self.scenario = scenario
         self.model = new_model()
         self.batch_size = batch_size
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether the scenario holds out a validation split (`dataset.validation` > 0)."""
+        held = self.scenario.validation_indices
+        return bool(held) and any(len(ids) for ids in held)
+
     def evaluate(
-        self, arrays: ArrayRecord, tasks: Iterable[int], concept: Concept = ()
+        self,
+        arrays: ArrayRecord,
+        tasks: Iterable[int],
+        concept: Concept = (),
+        split: str = "test",
     ) -> dict[str, float]:
         """Accuracy of the model with `arrays` on each task in `tasks` under `concept`
-        (str(task id) -> accuracy, keyed as in metrics.jsonl)."""
+        (str(task id) -> accuracy, keyed as in metrics.jsonl), on the test data, or with
+        `split="validation"` on the samples held out of the task's training data."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        return {str(task): self._score(task, concept) for task in tasks}
+        return {str(task): self._score(task, concept, split) for task in tasks}
 
-    def _score(self, task: int, concept: Concept) -> float:
-        ids = self.scenario.test_indices[task]
+    def _score(self, task: int, concept: Concept, split: str = "test") -> float:
+        if split == "validation":
+            # Training samples: drifts draw for them as for the training split.
+            ids, x, y, drawn = (
+                self.scenario.validation_indices[task],
+                self.x_train,
+                self.y_train,
+                "train",
+            )
+        else:
+            ids, x, y, drawn = self.scenario.test_indices[task], self.x_test, self.y_test, "test"
         tasks = np.full(len(ids), task, dtype=np.int64)
-        view = client_view(
-            self.scenario, self.x_test, self.y_test, ids, tasks, concept, split="test"
-        )
+        view = client_view(self.scenario, x, y, ids, tasks, concept, split=drawn)
         mask = self.scenario.class_mask(view.tasks, self.num_classes)
         return accuracy(self.model, view.x, view.y, self.batch_size, class_mask=mask)
 
@@ -95,6 +115,14 @@ class TaskEvaluator:
         }
         acc_next = self.evaluate(arrays, [next_task]) if next_task is not None else {}
         scores = RoundScores(acc, acc_next)
+        if self.has_validation:
+            val = {
+                label: self.evaluate(arrays, seen, concept, split="validation")
+                for label, (concept, _) in groups.items()
+            }
+            scores.val_acc = {
+                str(t): sum(weights[g] * val[g][str(t)] for g in groups) / total for t in seen
+            }
         if len(groups) > 1:
             scores.acc_by_concept = by_concept
             for label, (_, members) in groups.items():

@@ -22,6 +22,7 @@ from fedcl.scenario.packed import ClientTaskIndex
 from fedcl.scenario.partition import PARTITIONS, partition_packed
 from fedcl.scenario.streams import TaskStreams
 from fedcl.scenario.tasks import class_incremental_split, task_sample_mask
+from fedcl.scenario.validation import stratified_holdout
 from fedcl.seeding import derive_rng
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
         raise ConfigError(f"unknown scenario.kind '{sc.kind}'; valid: {', '.join(SCENARIOS)}")
     task_classes = _task_classes(cfg, dataset.num_classes)
     transforms = _input_transforms(cfg, dataset)
-    train, test_indices = _partition(cfg, dataset, task_classes)
+    train, test_indices, validation_indices = _partition(cfg, dataset, task_classes)
     timeline = _timeline(cfg, dataset, len(task_classes))
     state = _TimelineState.start(cfg.clients.num, cfg.rounds, len(dataset.y_train))
     for event in timeline:
@@ -87,6 +88,7 @@ def build_scenario(cfg: DictConfig, dataset: ArrayDataset) -> Scenario:
         blurry_rounds=int(sc.blurry_rounds),
         global_task_starts=state.global_starts,
         seed=cfg.seed,
+        validation_indices=tuple(validation_indices),
     )
 
 
@@ -171,14 +173,24 @@ def _stream_events(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def _partition(
     cfg: DictConfig, dataset: ArrayDataset, task_classes: list[np.ndarray]
-) -> tuple[ClientTaskIndex, list[np.ndarray]]:
+) -> tuple[ClientTaskIndex, list[np.ndarray], list[np.ndarray]]:
+    """Each task's training samples split over the clients, after its validation share
+    (`dataset.validation`, stratified, drawn from (seed, task)) is held out; and per task the
+    test positions and the held-out training positions (empty without a validation split)."""
     if cfg.clients.partition not in PARTITIONS:
         raise ConfigError(
             f"unknown clients.partition '{cfg.clients.partition}'; valid: {', '.join(PARTITIONS)}"
         )
-    indices, offsets, test_indices = [], [], []
+    indices, offsets, test_indices, validation_indices = [], [], [], []
     for task, classes in enumerate(task_classes):
         positions = np.flatnonzero(task_sample_mask(dataset.y_train, classes))
+        held = stratified_holdout(
+            dataset.y_train[positions],
+            float(cfg.dataset.validation),
+            derive_rng(cfg.seed, "validation", task),
+        )
+        validation_indices.append(positions[held])
+        positions = positions[~held]
         packed, bounds = partition_packed(
             dataset.y_train[positions],
             cfg.clients.num,
@@ -190,7 +202,7 @@ def _partition(
         indices.append(positions[packed])
         offsets.append(bounds)
         test_indices.append(np.flatnonzero(task_sample_mask(dataset.y_test, classes)))
-    return ClientTaskIndex(tuple(indices), tuple(offsets)), test_indices
+    return ClientTaskIndex(tuple(indices), tuple(offsets)), test_indices, validation_indices
 
 
 def _timeline(cfg: DictConfig, dataset: ArrayDataset, num_tasks: int) -> tuple[Event, ...]:

@@ -390,8 +390,8 @@ def _find_folder(name: str, spec: _Spec, root: str | os.PathLike[str] | None) ->
     expected = ", ".join(spec.files)
     if root is None:
         raise DatasetError(
-            f"dataset {name!r} reads local files: pass root=<folder holding "
-            f"{expected}>; nothing can be downloaded"
+            f"dataset {name!r} reads local files: set dataset.root=<folder holding "
+            f"{expected}> (root= from Python); nothing can be downloaded"
         )
     base = Path(root).expanduser()
     if not base.is_dir():

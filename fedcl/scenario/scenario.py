@@ -73,6 +73,9 @@ class Scenario:
     blurry_rounds: int = 1
     global_task_starts: dict[int, int] = field(default_factory=dict)  # round -> task, all clients
     seed: int = 0
+    # Per task: positions into the training arrays held out for validation (never trained on);
+    # empty without a validation split (`dataset.validation`).
+    validation_indices: tuple[np.ndarray, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
         # The driver's round tables are rebuilt where needed, never shipped to the actors.

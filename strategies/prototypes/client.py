@@ -29,8 +29,9 @@ def prototypes(msg: Message, context: Context) -> Message:
     """Federated Reconnaissance's client step: per-class embedding sums and counts of the
     client's data of the task, through the received (frozen) model's `embed`."""
     query = read_query(msg, context)
-    embeddings = embed(query.model, query.x)
-    if len(query.y) == 0:
+    if len(query.y):
+        embeddings = embed(query.model, query.x)
+    else:  # a client holding no data (all deleted) sends zero counts
         model = query.model
         dim = int(model.head.in_features) if hasattr(model, "head") else 0
         embeddings = np.zeros((0, dim))

@@ -91,6 +91,10 @@ class PrototypeAveraging(FedAvg, ContinualStrategy):
         its prototypes of the task, so that every client's data of the task is counted.
     """
 
+    # The banks' sums and counts lose a contribution exactly (`on_delete`); the frozen backbone
+    # keeps what it learned from data deleted before it froze.
+    exact_deletion = True
+
     # pylint: disable=too-many-arguments,too-many-instance-attributes
     def __init__(
         self,

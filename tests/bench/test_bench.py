@@ -93,7 +93,7 @@ def test_quick_bench_produces_every_row_and_figure(tmp_path):
     for row in rows:
         if row["engine"] == "fedcl":
             assert math.isfinite(row["speedup_vs_flower"])
-            assert row["bytes_per_round"] > 0
+            assert row["bytes_per_round"] > 0 and row["bytes_measured"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
 
     written = json.loads(out.read_text())

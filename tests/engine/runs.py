@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import fedcl
+from fedcl.metrics.system import MEASURED_RECORD_KEYS
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -14,11 +15,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_with_actors(overrides: list[str], out: Path, actors: int) -> tuple[list[dict], list[dict]]:
-    """Run with `actors` actors; return (events.jsonl, metrics.jsonl without timings)."""
+    """Run with `actors` actors; return (events.jsonl, metrics.jsonl without timings, bytes and
+    memory)."""
     fedcl.run(None, [*overrides, f"engine.num_actors={actors}"], out=out)
     records = read_jsonl(out / "metrics.jsonl")
     for record in records:
         record.pop("round_s")
         record.pop("train_s")
+        for key in MEASURED_RECORD_KEYS:
+            record.pop(key, None)
     events = read_jsonl(out / "events.jsonl") if (out / "events.jsonl").exists() else []
     return events, records

@@ -31,6 +31,7 @@ from fedcl.engine.grid import RayGrid
 from fedcl.engine.loop import actor_factory
 from fedcl.engine.record_codec import encode_records
 from fedcl.engine.recovery import ActorRecovery
+from fedcl.metrics.system import MEASURED_RECORD_KEYS
 from fedcl.models import model_from_config
 from fedcl.protocol import STATE_KEY
 from fedcl.scenario.datasets import load_dataset
@@ -57,7 +58,7 @@ EVERY_2 = ["checkpoint.every=2", "checkpoint.max_overhead=0"]
 NO_CHECKPOINTS = ["checkpoint.every=0", "checkpoint.every_s=0"]
 # Fields of a metrics.jsonl line that differ between an interrupted and an uninterrupted run.
 HANG_S = 300  # a run that has not ended by then hangs
-UNCOMPARED = ("round_s", "train_s", "actor_replacements")
+UNCOMPARED = ("round_s", "train_s", "actor_replacements", *MEASURED_RECORD_KEYS)
 
 
 def run_records(out: Path, overrides: list[str]) -> tuple[list[dict], dict]:
@@ -124,6 +125,7 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_as_an_uninterrupted_one(
     assert marker.exists() == (how == "in_call")
 
 
+@pytest.mark.slow  # starts a second Ray node: outside CI (-m slow)
 def test_two_node_cluster_loses_a_node_and_the_run_ends_on_the_other(uninterrupted, tmp_path):
     """A two-node cluster loses the node of actor 0 before round 3 (the run is in its own
     process: it starts its own Ray cluster)."""

@@ -45,6 +45,7 @@ from fedcl.engine.record_codec import (
 )
 from fedcl.errors import ConfigError, FedclError
 from fedcl.metrics.recorder import RunLock
+from fedcl.metrics.system import MEASURED_RECORD_KEYS, MEASURED_SUMMARY_KEYS
 from fedcl.strategies.fisher import FisherMerging
 from fedcl.strategies.fot import FOT
 from fedcl.strategies.prototypes import PrototypeAveraging
@@ -52,8 +53,10 @@ from fedcl.strategies.prototypes.math import PrototypeBank
 from tests.engine.runs import read_jsonl
 
 FEDCL = [sys.executable, "-m", "fedcl.cli"]
-TIMINGS = ("round_s", "train_s")  # wall-clock fields of a metrics.jsonl line
-WALL_CLOCK = ("wall_s", "loop_s", "client_updates_per_s")  # ... and of summary.json
+# Wall-clock, bytes and memory fields of a metrics.jsonl line ...
+TIMINGS = ("round_s", "train_s", *MEASURED_RECORD_KEYS)
+# ... and of summary.json.
+WALL_CLOCK = ("wall_s", "loop_s", "client_updates_per_s", *MEASURED_SUMMARY_KEYS)
 
 BASE = [
     "dataset.name=digits",
@@ -199,6 +202,7 @@ def test_fedavg_killed_after_round_3_resumes_to_the_uninterrupted_metrics(tmp_pa
     assert len(read_jsonl(killed / "metrics.jsonl")) == 8
 
 
+@pytest.mark.slow  # the FedAvg kill-and-resume test covers resume in CI
 @pytest.mark.usefixtures("ray_session")
 def test_fot_with_replay_killed_after_round_5_resumes_to_the_uninterrupted_metrics(tmp_path):
     killed = tmp_path / "killed"

@@ -113,7 +113,7 @@ def test_summary_agrees_with_metrics_jsonl(tmp_path):
     )
     assert summary["acc"] == pytest.approx(acc)
     assert summary["bwt"] == pytest.approx(bwt)
-    assert summary["forgetting"] == pytest.approx(forgetting)
+    assert summary["forgetting_max"] == pytest.approx(forgetting)
     assert summary["fwt"] == pytest.approx(fwt)
     assert summary["rounds"] == 6 == len(records)
     assert summary["client_updates"] == sum(r["replies"] for r in records)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -18,10 +19,22 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedcl
+from fedcl.client.app import StackedArrays
 from fedcl.engine.flower_compat import set_server_identity
-from fedcl.engine.summation import ArraySum, combine, is_stub, sum_plan, sum_replies
+from fedcl.engine.replies import ReplyLimits, screen_replies
+from fedcl.engine.summation import (
+    ArraySum,
+    average_metrics,
+    combine,
+    is_stub,
+    sum_plan,
+    sum_replies,
+)
 from fedcl.npy import array_of
 from fedcl.strategies.fot.strategy import FOT
 from tests.engine.runs import read_jsonl
@@ -159,6 +172,86 @@ def test_replies_that_cannot_be_summed_reach_the_driver_whole(round_of_replies):
     assert "arrays" in out[2].content.array_records
 
 
+def _stacked(replies: list[Message], rows: list[int]) -> StackedArrays:
+    """The replies' model arrays moved into one stacked group, as vectorized training leaves
+    them."""
+    records = [replies[i].content.array_records["arrays"] for i in rows]
+    arrays = {name: np.stack([r[name].numpy() for r in records]) for name in records[0]}
+    for i in rows:
+        del replies[i].content["arrays"]
+    return StackedArrays(rows, arrays)
+
+
+def test_stacked_replies_sum_to_the_same_bits_as_whole_replies(round_of_replies):
+    requests, replies = round_of_replies
+    plan = sum_plan(FedAvg())
+    _, whole = sum_replies(requests, replies, plan)
+    # The same round with clients 1, 2, 4 and 6 trained together, their arrays left stacked.
+    group = _stacked(replies, [1, 2, 4, 6])
+    out, stacked = sum_replies(requests, replies, plan, stacked=[group])
+    assert all(is_stub(r) for r in out)
+    assert (stacked.count, stacked.weight) == (whole.count, whole.weight)
+    for name in ("w", "b"):
+        assert stacked.mean()[name].numpy().tobytes() == whole.mean()[name].numpy().tobytes()
+
+
+def test_stacked_replies_that_fail_the_screen_reach_the_driver_whole(round_of_replies):
+    requests, replies = round_of_replies
+    plan = sum_plan(FedAvg())
+    replies[2].content["arrays"]["w"] = array_of(np.full((4, 3), np.nan, np.float32))
+    replies[5].content["arrays"]["b"] = array_of(np.full(3, 1e6, np.float32))  # too far
+    kept = replies[3].content["arrays"]["w"].numpy().copy()
+    group = _stacked(replies, [2, 3, 5])
+
+    def limits(node: int) -> ReplyLimits:  # NaN is caught without the norm bound too
+        return ReplyLimits(max_update_norm=None if node == 1002 else 10.0)
+
+    out, total = sum_replies(requests, replies, plan, limits, stacked=[group])
+    assert [is_stub(r) for r in out] == [True, True, False, True, True, False, True]
+    assert total.weight == sum(10 + 3 * n for n in (0, 1, 3, 4, 6))
+    # The refused ones carry their arrays again, for the driver's screen to say why.
+    reference = requests[0].content["arrays"]
+    screened = screen_replies(out, reference, "arrays", ReplyLimits(), screened_before=is_stub)
+    assert [node for node, _ in screened.problems] == [1002, 1005]
+    assert "NaN" in screened.problems[0][1] and "update norm" in screened.problems[1][1]
+    assert "arrays" not in out[3].content.array_records
+    assert np.array_equal(group.arrays["w"][1], kept)
+
+
+metric_values = st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-1000, 1000)
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 10_000),
+            st.lists(metric_values, min_size=3, max_size=3),
+            st.lists(st.floats(-10, 10, allow_nan=False), min_size=2, max_size=2),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_metric_averages_have_the_bits_of_flowers_own(clients):
+    records = [
+        MetricRecord({"num-examples": n, "a": a, "loss": b, "c": c, "hist": hist})
+        for n, (a, b, c), hist in clients
+    ]
+    want = aggregate_metricrecords([RecordDict({"m": r}) for r in records], "num-examples")
+    got = average_metrics(records, "num-examples")
+    assert list(got.items()) == list(want.items())
+
+
+def test_stub_metrics_are_checked_as_flower_checks_replies(round_of_replies):
+    requests, replies = round_of_replies
+    plan = sum_plan(FedAvg())
+    stubs, total = sum_replies(requests, replies, plan)
+    del stubs[3].content["metrics"]["train-loss"]
+    with pytest.raises(InconsistentMessageReplies, match="same keys"):
+        combine(stubs, [total], plan)
+
+
 class _OwnAggregate(FedAvg):
     def aggregate_train(self, server_round, replies):
         return super().aggregate_train(server_round, list(replies)[:1])
@@ -196,14 +289,18 @@ RUN = [
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_runs_summed_on_actors_match_unsummed_runs_and_any_actor_count(tmp_path):
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_runs_summed_on_actors_match_unsummed_runs_and_any_actor_count(tmp_path, vectorize):
+    # Summed, the default ClientApp's weights never enter the replies: they are kept stacked
+    # (trained one by one, or vectorized) and summed from there; unsummed, every reply has them.
     runs = {}
     for name, extra in {
         "summed-2": ["engine.num_actors=2"],
         "summed-1": ["engine.num_actors=1"],
         "unsummed-2": ["engine.num_actors=2", "engine.sum_on_actors=false"],
     }.items():
-        result = fedcl.run(None, [*RUN, *extra], out=tmp_path / name)
+        overrides = [*RUN, *extra, f"engine.vectorize={vectorize}"]
+        result = fedcl.run(None, overrides, out=tmp_path / name)
         runs[name] = (result, read_jsonl(tmp_path / name / "metrics.jsonl"))
     summed, unsummed = runs["summed-2"], runs["unsummed-2"]
     assert [r["summed_on_actors"] for r in summed[1]] == [6, 6, 6]

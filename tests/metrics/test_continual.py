@@ -46,8 +46,9 @@ def test_summary_matches_hand_computed_values():
     assert s["acc"] == approx((0.5 + 0.8 + 0.9) / 3)
     # Lopez-Paz BWT divides by T-1: ((0.5-0.8) + (0.8-0.9)) / 2.
     assert s["bwt"] == approx(-0.2)
+    assert s["fgt"] == approx(0.2)  # FOT's FGT = -BWT
     # Chaudhry: task 0 peaked at 0.85 after task 1, not at its own end (0.8).
-    assert s["forgetting"] == approx(((0.85 - 0.5) + (0.9 - 0.8)) / 2)
+    assert s["forgetting_max"] == approx(((0.85 - 0.5) + (0.9 - 0.8)) / 2)
     assert s["fwt"] == approx(((0.2 - 0.1) + (0.3 - 0.1)) / 2)
     # Minimum after each task ended: task 0 over rounds 3-6 -> 0.3, task 1 over rounds 5-6 -> 0.7.
     assert s["min_acc"] == approx(0.5)
@@ -81,7 +82,7 @@ def test_run_stopped_after_task_1_uses_the_tasks_seen():
     assert s["acc"] == pytest.approx((0.85 + 0.9) / 2)
     assert s["bwt"] == pytest.approx(0.85 - 0.8)
     # Forgetting is not clipped: task 0 improved, so it is negative.
-    assert s["forgetting"] == pytest.approx(0.8 - 0.85)
+    assert s["forgetting_max"] == pytest.approx(0.8 - 0.85)
     assert s["fwt"] == pytest.approx(0.2 - 0.1)
     assert s["min_acc"] == pytest.approx(0.4)
     assert s["wc_acc"] == pytest.approx(0.9 / 2 + 0.4 / 2)
@@ -92,7 +93,7 @@ def test_run_stopped_mid_task_uses_the_final_round():
     s = continual_summary(THREE_TASKS[:5], 3)
     assert s["acc"] == pytest.approx((0.3 + 0.7 + 0.5) / 3)
     assert s["bwt"] == pytest.approx(((0.3 - 0.8) + (0.7 - 0.9)) / 2)
-    assert s["forgetting"] == pytest.approx(((0.85 - 0.3) + (0.9 - 0.7)) / 2)
+    assert s["forgetting_max"] == pytest.approx(((0.85 - 0.3) + (0.9 - 0.7)) / 2)
     assert s["wc_acc"] == pytest.approx(0.5 / 3 + (2 / 3) * ((0.3 + 0.7) / 2))
 
 
@@ -101,7 +102,7 @@ def test_single_task():
     s = continual_summary(records, 1, init_acc={"0": 0.1})
     assert s["acc"] == pytest.approx(0.7)
     assert s["bwt"] == 0.0
-    assert s["forgetting"] == 0.0
+    assert s["forgetting_max"] == 0.0
     assert s["fwt"] == 0.0
     assert s["min_acc"] is None
     assert s["wc_acc"] == pytest.approx(0.7)
@@ -125,7 +126,7 @@ def test_no_forgetting_gives_zero_bwt_and_forgetting():
     records, end_acc = plateau_run(num_tasks=4, rounds_per_task=3)
     s = continual_summary(records, 4)
     assert s["bwt"] == pytest.approx(0.0, abs=1e-12)
-    assert s["forgetting"] == pytest.approx(0.0, abs=1e-12)
+    assert s["forgetting_max"] == pytest.approx(0.0, abs=1e-12)
     assert s["windowed_forgetting"] == 0.0
     # The minimum after each task is its task-end accuracy.
     assert s["min_acc"] == pytest.approx(np.mean(end_acc[:3]))
@@ -142,7 +143,7 @@ def test_old_tasks_improving_gives_negative_forgetting_and_positive_bwt():
     ]
     s = continual_summary(records, 2)
     assert s["bwt"] == pytest.approx(0.2)
-    assert s["forgetting"] == pytest.approx(-0.2)
+    assert s["forgetting_max"] == pytest.approx(-0.2)
     assert s["min_acc"] == pytest.approx(0.6)
     assert s["windowed_forgetting"] == 0.0
 
@@ -167,7 +168,7 @@ def test_forgetting_is_at_least_minus_bwt_on_random_runs():
                 acc = {j: float(rng.random()) for j in range(t + 1)}
                 records.append(rec(round_, t, acc, {t + 1: float(rng.random())}))
         s = continual_summary(records, num_tasks)
-        assert s["forgetting"] >= -s["bwt"] - 1e-12
+        assert s["forgetting_max"] >= s["fgt"] - 1e-12
         r = np.array(s["accuracy_matrix"], dtype=float)
         assert s["acc"] == pytest.approx(np.mean(r[-1]))
         assert s["bwt"] == pytest.approx(np.mean(r[-1, :-1] - np.diag(r)[:-1]))

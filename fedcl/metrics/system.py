@@ -1,0 +1,102 @@
+"""System figures of a run: bytes moved between the driver and the actors, and peak memory.
+
+* Bytes: what Ray actually serialized. Objects the driver puts in the object store (message
+  contents) and the actors' results are sized by the object store itself
+  (`ray.experimental.get_object_locations`); the small arguments passed inline with each actor
+  call (message metadata, the sum plan) by Ray's serializer. `fedcl.engine.grid.RayGrid` counts
+  them per actor call: a content goes to every actor that serves one of its messages (each actor
+  reads it), a call sent again after an actor died counts again, and a reply summed on its actor
+  counts as what crossed (the stub and the actor's one sum), not as a whole model.
+* Peak memory: the peak resident set size (``ru_maxrss``) of the driver and of each actor
+  process, so far. Pages of Ray's shared object store count in every process that maps them:
+  the sum over processes is an upper bound.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+
+MB = 1024 * 1024
+# What a metrics.jsonl line and summary.json measure of the machine rather than of the learning:
+# they differ between runs of the same seed (memory always; bytes with the number of actors, and
+# in the first round after a resume), so comparisons of runs leave them out.
+MEASURED_RECORD_KEYS = ("bytes_sent", "bytes_received", "peak_rss_driver_mb", "peak_rss_actors_mb")
+MEASURED_SUMMARY_KEYS = (
+    "bytes_sent",
+    "bytes_received",
+    "bytes_sent_per_round",
+    "bytes_received_per_round",
+    "peak_rss_driver_mb",
+    "peak_rss_actor_mb",
+    "peak_rss_actors_total_mb",
+)
+# ru_maxrss is in kibibytes on Linux, in bytes on macOS.
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def object_sizes(refs: Sequence[ray.ObjectRef]) -> list[int]:
+    """The serialized size in bytes of each object in `refs`, as the object store records it
+    (0 for one it does not know, e.g. already freed)."""
+    if not refs:
+        return []
+    try:
+        found = ray.experimental.get_object_locations(list(refs))
+    except Exception:  # noqa: BLE001 - sizes are a measurement; never fail a round for them
+        return [0] * len(refs)
+    return [int((found.get(ref) or {}).get("object_size") or 0) for ref in refs]
+
+
+def inline_size(value: Any) -> int:
+    """Bytes Ray's serializer makes of `value` (what an argument passed inline costs)."""
+    context = ray._private.worker.global_worker.get_serialization_context()
+    return int(context.serialize(value).total_bytes)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _RSS_UNIT
+
+
+def system_record(grid: Any) -> dict[str, Any]:
+    """A round's system figures for metrics.jsonl, from a grid with `take_traffic` and
+    `actor_peak_rss` (`fedcl.engine.grid.RayGrid`): ``bytes_sent`` and ``bytes_received`` since
+    the last call, ``peak_rss_driver_mb`` and ``peak_rss_actors_mb`` (one per actor slot, as its
+    latest reply reported it; 0 before its first)."""
+    sent, received = grid.take_traffic()
+    return {
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "peak_rss_driver_mb": peak_rss_bytes() / MB,
+        "peak_rss_actors_mb": [peak / MB for peak in grid.actor_peak_rss],
+    }
+
+
+def system_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """summary.json's system keys from the rounds' records: ``bytes_sent`` and
+    ``bytes_received`` (totals) and their means per round (``..._per_round``),
+    ``peak_rss_driver_mb``, ``peak_rss_actor_mb`` (the largest actor) and
+    ``peak_rss_actors_total_mb`` (each actor slot's peak, summed: an upper bound, see the module
+    docstring). Keys a run did not record are left out."""
+    rows = [r for r in records if "bytes_sent" in r]
+    if not rows:
+        return {}
+    sent = sum(r["bytes_sent"] for r in rows)
+    received = sum(r["bytes_received"] for r in rows)
+    per_actor: dict[int, float] = {}
+    for row in rows:
+        for slot, peak in enumerate(row.get("peak_rss_actors_mb") or []):
+            per_actor[slot] = max(per_actor.get(slot, 0.0), peak)
+    return {
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "bytes_sent_per_round": sent / len(rows),
+        "bytes_received_per_round": received / len(rows),
+        "peak_rss_driver_mb": max(r["peak_rss_driver_mb"] for r in rows),
+        "peak_rss_actor_mb": max(per_actor.values(), default=None),
+        "peak_rss_actors_total_mb": sum(per_actor.values()) if per_actor else None,
+    }
