@@ -221,3 +221,56 @@ def test_missing_evaluations_are_skipped_not_nan():
     assert s["acc"] == pytest.approx(0.6)
     assert s["bwt"] is None
     assert not any(isinstance(v, float) and math.isnan(v) for v in s.values())
+
+
+def test_the_error_messages_name_the_round_and_the_tasks() -> None:
+    back = [rec(1, 1, {0: 0.5, 1: 0.5}), rec(2, 0, {0: 0.5})]
+    with pytest.raises(
+        ValueError,
+        match=r"^task goes back from 1 to 0 at round 2; continual metrics need tasks trained in "
+        r"order$",
+    ):
+        continual_summary(back, 3)
+    with pytest.raises(ValueError, match=r"^round 1 trains task 3, outside \[0, 3\)$"):
+        accuracy_matrix([rec(1, 3, {0: 0.5})], 3)
+    with pytest.raises(ValueError, match=r"^num_tasks must be >= 1, got 0$"):
+        accuracy_matrix(THREE_TASKS, 0)
+    with pytest.raises(
+        ValueError, match=r"^no evaluation records \(records with an 'acc' key\) to summarise$"
+    ):
+        continual_summary([{"round": 1, "task": 0}], 3)
+
+
+def test_the_default_window_is_ten_evaluations() -> None:
+    # Task 0 drops by 0.4 at once, and by 1.0 from the evaluation 10 before the last one.
+    accs = [1.0] + [0.6] * 9 + [0.0]
+    records = [rec(r, 0, {0: a}) for r, a in enumerate(accs, start=1)]
+    assert continual_summary(records, 1)["windowed_forgetting"] == pytest.approx(0.6)
+    assert continual_summary(records, 1, window=11)["windowed_forgetting"] == pytest.approx(1.0)
+
+
+def test_a_task_never_evaluated_at_a_task_end_is_left_out_of_forgetting() -> None:
+    records = [rec(1, 0, {}), rec(2, 1, {0: 0.5, 1: 0.6})]
+    s = continual_summary(records, 2)
+    assert s["forgetting_max"] is None and s["bwt"] is None
+    assert s["acc"] == pytest.approx(0.55)
+
+
+def test_wc_acc_needs_the_current_task_in_the_final_record() -> None:
+    s = continual_summary([rec(1, 0, {0: 0.5}), rec(2, 1, {0: 0.4})], 2)
+    assert s["wc_acc"] is None
+    assert s["min_acc"] == pytest.approx(0.4)
+
+
+def test_read_metrics_skips_blank_lines_anywhere(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(r) for r in THREE_TASKS]
+    path.write_text(lines[0] + "\n\n  \n" + "\n".join(lines[1:]) + "\n")
+    assert read_metrics(path) == THREE_TASKS
+
+
+def test_read_metrics_rejects_a_malformed_middle_line_without_a_final_newline(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(THREE_TASKS[0]) + "\n{oops\n" + json.dumps(THREE_TASKS[1]))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON object"):
+        read_metrics(path)

@@ -94,3 +94,38 @@ def test_a_recurring_run_summarises_its_own_records(tmp_path: Path) -> None:
     assert forgetting(summary) > 0.1  # not vacuous: the recurring stream forgets
     assert summary["acc"] == pytest.approx(sum(final.values()) / len(final))
     assert result.summary["acc"] == summary["acc"]
+
+
+def test_the_keys_and_messages_of_a_stream_summary() -> None:
+    summary = stream_summary(RECORDS)
+    assert set(summary) == {
+        "acc",
+        "bwt",
+        "fgt",
+        "forgetting_max",
+        "fwt",
+        "min_acc",
+        "wc_acc",
+        "windowed_forgetting",
+        "tasks_seen",
+        "final_round",
+    }
+    with pytest.raises(
+        ValueError, match=r"^no evaluation records \(records with an 'acc' key\) to summarise$"
+    ):
+        stream_summary([{"round": 1, "task": 0}])
+
+
+def test_a_task_not_evaluated_in_the_final_record_is_left_out() -> None:
+    records = [*RECORDS, {"round": 7, "task": 0, "acc": {"0": 0.8, "1": None}}]
+    summary = stream_summary(records)
+    assert summary["acc"] == pytest.approx(0.8)
+    assert forgetting(summary) == pytest.approx(0.9 - 0.8)
+    assert summary["tasks_seen"] == 2
+
+
+def test_the_default_window_is_ten_evaluations() -> None:
+    accs = [1.0] + [0.6] * 9 + [0.0]
+    records = [{"round": r, "task": 0, "acc": {"0": a}} for r, a in enumerate(accs, start=1)]
+    assert stream_summary(records)["windowed_forgetting"] == pytest.approx(0.6)
+    assert stream_summary(records, window=11)["windowed_forgetting"] == pytest.approx(1.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcl.errors import ConfigError
-from fedcl.scenario.partition import PARTITIONS, partition_indices
+from fedcl.scenario.partition import PARTITIONS, partition_indices, partition_packed
 
 
 def _labels(seed: int, n: int = 600, num_classes: int = 10) -> np.ndarray:
@@ -137,3 +137,78 @@ def test_bad_option_values_raise_config_error(kwargs: dict[str, object]) -> None
     args: dict[str, object] = {"num_clients": 4, "scheme": "dirichlet", **kwargs}
     with pytest.raises(ConfigError):
         partition_indices(_labels(0), rng=np.random.default_rng(0), **args)  # type: ignore[arg-type]
+
+
+def test_the_defaults_are_alpha_half_two_shards_and_one_sample_per_client() -> None:
+    labels = _labels(3, n=200)
+    for scheme in PARTITIONS:
+        default = partition_indices(labels, 7, scheme, np.random.default_rng(4))
+        explicit = partition_indices(
+            labels,
+            7,
+            scheme,
+            np.random.default_rng(4),
+            alpha=0.5,
+            shards_per_client=2,
+            min_per_client=1,
+        )
+        for got, expected in zip(default, explicit, strict=True):
+            np.testing.assert_array_equal(got, expected)
+        packed = partition_packed(labels, 7, scheme, np.random.default_rng(4))
+        np.testing.assert_array_equal(packed[0], np.concatenate(explicit))
+    # 4 samples among 3 clients (packed): one each is the default minimum, two would not fit.
+    _, offsets = partition_packed(np.arange(4), 3, "iid", np.random.default_rng(0))
+    assert np.diff(offsets).tolist() == [2, 1, 1]
+    # 4 samples among 3 clients: one sample each is the default minimum, two would not fit.
+    parts = partition_indices(np.arange(4), 3, "iid", np.random.default_rng(0))
+    assert sorted(len(p) for p in parts) == [1, 1, 2]
+
+
+def test_a_fix_up_tops_short_clients_up_to_exactly_the_minimum() -> None:
+    labels = np.repeat(np.arange(3), 10)  # 30 samples: exactly 5 clients x 6
+    parts = partition_indices(
+        labels, 5, "dirichlet", np.random.default_rng(1), alpha=0.001, min_per_client=6
+    )
+    assert [len(p) for p in parts] == [6] * 5
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(30))
+
+
+def test_no_samples_give_empty_int64_clients() -> None:
+    for scheme in PARTITIONS:
+        for labels in (np.zeros(0, dtype=np.int64), np.zeros(0)):  # empty labels of any dtype
+            parts = partition_indices(labels, 3, scheme, np.random.default_rng(0), min_per_client=0)
+            assert [p.dtype for p in parts] == [np.dtype(np.int64)] * 3
+            assert [len(p) for p in parts] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "message"),
+    [
+        (np.zeros((4, 2), dtype=np.int64), {}, r"1-d integer array, got int64 of shape \(4, 2\)$"),
+        (np.array([0.0, 1.0, 1.0]), {}, r"1-d integer array, got float64 of shape \(3,\)$"),
+        (np.array([1.0]), {"num_clients": 1}, r"1-d integer array, got float64 of shape \(1,\)$"),
+        (None, {"num_clients": 0}, r"^partition num_clients must be an integer >= 1, got 0$"),
+        (
+            None,
+            {"min_per_client": -1},
+            r"^partition min_per_client must be an integer >= 0, got -1$",
+        ),
+        (
+            None,
+            {"scheme": "shards", "shards_per_client": 0},
+            r"^partition shards_per_client must be an integer >= 1, got 0$",
+        ),
+        (
+            None,
+            {"alpha": float("inf")},
+            r"^partition alpha must be a positive finite number, got inf$",
+        ),
+    ],
+)
+def test_bad_arguments_are_named_in_the_error(
+    labels: np.ndarray | None, kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"num_clients": 2, "scheme": "dirichlet", **kwargs}
+    labels = _labels(0, n=20) if labels is None else labels
+    with pytest.raises(ConfigError, match=message):
+        partition_indices(labels, rng=np.random.default_rng(0), **args)  # type: ignore[arg-type]

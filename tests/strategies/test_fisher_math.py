@@ -180,3 +180,80 @@ def test_shape_mismatches_are_named():
         fisher_merge(params, fishers, [1, 1], prior=(params[0], [np.ones(2), np.ones(4)], 1.0))
     with pytest.raises(ValueError, match="negative"):
         fisher_merge(params, [fishers[0], [-f for f in fishers[1]]], [1, 1])
+
+
+def test_diagonal_fisher_validation_messages() -> None:
+    model, (x, y) = tiny_model(), tiny_data()
+    cases = [
+        ({"y": y[:3]}, r"^x has 7 examples but y has 3$"),
+        ({"batch_size": 0}, r"^batch_size must be at least 1, got 0$"),
+        ({"num_examples": 0}, r"^num_examples must be at least 1, got 0$"),
+        ({"mode": "empirical"}, r'^mode "empirical" needs the true labels y$'),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            diagonal_fisher(model, x, **kwargs)
+    with pytest.raises(ValueError, match=r"^diagonal_fisher needs at least one example$"):
+        diagonal_fisher(model, x[:0])
+    three_d = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (1, 4)))
+    with pytest.raises(
+        ValueError, match=r"^model must return logits \(batch, num_classes\), got \(7, 1, 4\)$"
+    ):
+        diagonal_fisher(three_d, x)
+
+
+def test_one_example_at_a_time_and_a_single_example() -> None:
+    model, (x, y) = tiny_model(), tiny_data()
+    expected = loop_fisher(model, x, lambda n, p: [(int(y[n]), 1.0)])
+    assert_fishers_close(diagonal_fisher(model, x, y, mode="empirical", batch_size=1), expected)
+    first = loop_fisher(model, x[:1], lambda n, p: [(c, p[c]) for c in range(4)])
+    assert_fishers_close(diagonal_fisher(model, x, num_examples=1), first, atol=1e-7, rtol=1e-5)
+
+
+def test_sampled_fisher_draws_from_the_given_generator_only() -> None:
+    model, (x, _) = tiny_model(), tiny_data()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # the global generator differs between the runs
+        generator = torch.Generator().manual_seed(3)
+        runs.append(diagonal_fisher(model, x, mode="sampled", generator=generator))
+    assert_fishers_close(runs[0], runs[1], atol=0, rtol=0)
+
+
+def test_a_float64_model_and_int32_labels() -> None:
+    model, (x, y) = tiny_model().double(), tiny_data()
+    x = x.double()
+    for mode in ("sampled", "empirical"):
+        fisher = diagonal_fisher(model, x, y.to(torch.int32), mode=mode)
+        assert all(f.dtype == torch.float64 for f in fisher.values())
+    expected = loop_fisher(model, x, lambda n, p: [(int(y[n]), 1.0)])
+    assert_fishers_close(diagonal_fisher(model, x, y.to(torch.int32), mode="empirical"), expected)
+
+
+def test_fisher_merge_validation_messages() -> None:
+    params = [[np.zeros(2)], [np.ones(2)]]
+    fishers = [[np.ones(2)], [np.ones(2)]]
+    with pytest.raises(ValueError, match=r"^fisher_merge needs at least one client$"):
+        fisher_merge([], [], [])
+    with pytest.raises(ValueError, match=r"^floor must be positive, got 0$"):
+        fisher_merge(params, fishers, [1, 1], floor=0)
+    for weights in ([2, -1], [np.inf, 1], [0, 0]):
+        with pytest.raises(ValueError, match=r"^weights must be finite, non-negative and not all"):
+            fisher_merge(params, fishers, weights)
+    with pytest.raises(ValueError, match=r"^client 1 params tensor 0 has non-finite entries$"):
+        fisher_merge([params[0], [np.array([0.0, np.nan])]], fishers, [1, 1])
+    prior_cases = [
+        (([np.zeros(2)], [np.ones(2)], -1.0), r"^prior weight gamma must be finite and non-neg"),
+        (([np.zeros(3)], [np.ones(2)], 1.0), r"^prior params tensor 0 has shape \(3,\)"),
+        (([np.zeros(2)], [-np.ones(2)], 1.0), r"^prior fisher tensor 0 has negative entries$"),
+    ]
+    for prior, message in prior_cases:
+        with pytest.raises(ValueError, match=message):
+            fisher_merge(params, fishers, [1, 1], prior=prior)
+
+
+def test_fisher_merge_accepts_any_non_negative_weights() -> None:
+    params = [[np.zeros(2)], [np.ones(2)]]
+    fishers = [[np.ones(2)], [np.ones(2)]]
+    np.testing.assert_allclose(fisher_merge(params, fishers, [1, 0])[0], [0.0, 0.0])
+    np.testing.assert_allclose(fisher_merge(params, fishers, [0.25, 0.25])[0], [0.5, 0.5])

@@ -315,3 +315,171 @@ def test_second_task_adds_only_new_directions():
     update = project_update(torch.randn(7, d, generator=gen(25)), basis)
     assert torch.linalg.norm(update @ a1) < 1e-3 * a1.norm()
     assert torch.linalg.norm(update @ a2) < 1e-3 * a2.norm()
+
+
+# ---------------------------------------------------------------- edges and messages
+
+
+def test_mean_residual_ratio_edges_and_messages() -> None:
+    assert mean_residual_ratio([0.3], [5]) == pytest.approx(0.3)  # one client
+    assert mean_residual_ratio([0.4], [1]) == pytest.approx(0.4)
+    assert mean_residual_ratio([0.5, 0.1], [0, 2]) == pytest.approx(0.1)  # a client without data
+    cases = [
+        (([0.5], [1, 2]), r"^1 ratios but 2 counts$"),
+        (([], []), r"^mean_residual_ratio needs at least one client$"),
+        (([0.5, 0.5], [1, -1]), r"^counts must be non-negative, got \[1, -1\]$"),
+        (([0.5], [0]), r"^counts sum to zero$"),
+    ]
+    for (ratios, counts), message in cases:
+        with pytest.raises(ValueError, match=message):
+            mean_residual_ratio(ratios, counts)
+
+
+def test_random_projection_sizes_and_generator() -> None:
+    assert random_projection(1, 1, gen()).shape == (1, 1)
+    for n, m in [(0, 3), (3, 0)]:
+        with pytest.raises(
+            ValueError, match=rf"^random_projection needs n >= 1 and m >= 1, got n={n}, m={m}$"
+        ):
+            random_projection(n, m, gen())
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # only the given generator may matter
+        draws.append(random_projection(4, 3, gen(7), kind="gaussian"))
+    torch.testing.assert_close(draws[0], draws[1], atol=0, rtol=0)
+
+
+def test_project_update_refuses_a_vector_and_keeps_the_update_dtype() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^project_update needs a weight with an output and an input dimension, got shape "
+        r"\(5,\)$",
+    ):
+        project_update(torch.ones(5), orthonormal(5, 2))
+    basis = orthonormal(12, 3).double()
+    projected = project_update(torch.randn(5, 12, generator=gen(2)), basis)
+    assert projected.dtype == torch.float32
+    assert torch.linalg.norm(projected @ basis.float()) < 1e-4
+
+
+def test_activation_sketch_messages() -> None:
+    a, q = torch.randn(6, 10, generator=gen(1)), random_projection(10, 4, gen(2))
+    with pytest.raises(
+        ValueError,
+        match=r"^activation_sketch needs 2-D activations \(d, n\) and projection \(n, m\)$",
+    ):
+        activation_sketch(a[0], None, q)
+    with pytest.raises(
+        ValueError, match=r"^projection has 3 rows but activations have 10 columns$"
+    ):
+        activation_sketch(a, None, q[:3])
+    with pytest.raises(
+        ValueError, match=r"^basis shape \(5, 2\) does not fit activations with 6 rows$"
+    ):
+        activation_sketch(a, orthonormal(5, 2), q)
+
+
+def test_activation_sketch_ratio_of_small_and_zero_activations_and_mixed_dtypes() -> None:
+    basis = orthonormal(6, 2)
+    a = 1e-3 * torch.randn(6, 10, generator=gen(3))  # ‖A‖_F < 1
+    q = random_projection(10, 4, gen(4))
+    _, ratio = activation_sketch(a, basis, q)
+    residual = a - basis @ basis.T @ a
+    assert ratio == pytest.approx((residual.norm() / a.norm()).item(), rel=1e-5)
+    sketch, ratio = activation_sketch(torch.zeros(6, 10), basis, q)
+    assert ratio == 0.0 and not sketch.any()
+    sketch, _ = activation_sketch(a, basis.double(), q.double())  # float32 activations
+    assert sketch.dtype == torch.float32
+    torch.testing.assert_close(sketch, residual @ q, atol=1e-7, rtol=1e-4)
+
+
+def test_expand_basis_messages() -> None:
+    y = torch.randn(6, 4, generator=gen(1))
+    with pytest.raises(ValueError, match=r"^summed_sketch must be 2-D \(d, m\), got \(6,\)$"):
+        expand_basis(None, y[:, 0], 1.0, 0.9)
+    with pytest.raises(
+        ValueError, match=r"^basis shape \(5, 2\) does not fit a sketch with 6 rows$"
+    ):
+        expand_basis(orthonormal(5, 2), y, 1.0, 0.9)
+    with pytest.raises(ValueError, match=r"^threshold must be in \[0, 1\], got 1.5$"):
+        expand_basis(None, y, 1.0, 1.5)
+
+
+def test_expand_basis_edges() -> None:
+    old = orthonormal(6, 2, seed=3)
+    y = torch.randn(6, 4, generator=gen(1))
+    # No residual energy left: the old basis, exactly.
+    torch.testing.assert_close(expand_basis(old, y, 0.0, 0.9), old, atol=0, rtol=0)
+    # A sketch of norm exactly 1 still gives its direction.
+    e = torch.zeros(6, 1, dtype=torch.float64)
+    e[2, 0] = 1.0
+    torch.testing.assert_close(expand_basis(None, e, 1.0, 0.5).abs(), e)
+    # A rank-1 sketch gives one direction even when every direction is asked for.
+    v = torch.randn(5, 1, generator=gen(4), dtype=torch.float64)
+    rank_one = v @ torch.randn(1, 3, generator=gen(5), dtype=torch.float64)
+    basis = expand_basis(None, rank_one, 1.0, 1.0)
+    assert basis.shape == (5, 1)
+    torch.testing.assert_close((basis.T @ v).abs().item(), v.norm().item(), atol=1e-12, rtol=0)
+
+
+def test_expand_basis_keeps_the_old_columns_and_drops_directions_inside_their_span() -> None:
+    old, _ = torch.linalg.qr(torch.randn(8, 3, generator=gen(5), dtype=torch.float64))
+    old = old * torch.sign(old[0])  # a QR of [old, new] would flip the first column's sign
+    inside = old @ torch.randn(3, 4, generator=gen(6), dtype=torch.float64)
+    # Not residual sketches: all of it, or all but 1e-10 of it, lies in the old span: nothing new.
+    w = torch.randn(8, 1, generator=gen(7), dtype=torch.float64)
+    w = w - old @ (old.T @ w)
+    nearly = old[:, :1] + 1e-10 * w / w.norm()
+    for sketch in (inside, nearly):
+        torch.testing.assert_close(expand_basis(old, sketch, 1.0, 1.0), old, atol=1e-12, rtol=0)
+    grown = expand_basis(old, torch.randn(8, 2, generator=gen(8), dtype=torch.float64), 1.0, 1.0)
+    assert grown.shape == (8, 5)
+    torch.testing.assert_close(grown[:, :3], old, atol=1e-12, rtol=0)  # the same columns
+
+
+def test_layer_inputs_messages_and_a_layer_called_twice() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(3, 3)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(self.shared(x))
+
+    model = Twice()
+    x = torch.randn(4, 3, generator=gen(1))
+    a = layer_inputs(model, x, ["shared"])["shared"]
+    with torch.no_grad():
+        torch.testing.assert_close(a, torch.cat([x.T, model.shared(x).T], dim=1))
+    with pytest.raises(
+        ValueError, match=r"^layer_inputs: module 'unused' was not called by the forward$"
+    ):
+        layer_inputs(model, x, ["unused"])
+    relu = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"is ReLU; supported are Linear, Conv1d and Conv2d$"):
+        layer_inputs(relu, x, ["1"])
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(
+        ValueError, match=r"^layer_inputs supports convolutions with groups=1 only, got groups=2$"
+    ):
+        layer_inputs(grouped, torch.randn(1, 4, 5, 5), ["0"])
+
+
+def test_linear_inputs_with_extra_leading_dimensions() -> None:
+    x = torch.randn(2, 5, 3, generator=gen(2))
+    a = layer_inputs(nn.Sequential(nn.Linear(3, 4)), x, ["0"])["0"]
+    torch.testing.assert_close(a, x.reshape(10, 3).T)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, kernel_size=3, padding="same"),
+        nn.Conv2d(3, 4, kernel_size=3, padding=1, padding_mode="reflect"),
+        nn.Conv1d(3, 4, kernel_size=3, padding=1, padding_mode="replicate"),
+    ],
+    ids=["conv2d-same-zeros", "conv2d-reflect-1", "conv1d-replicate-1"],
+)
+def test_conv_inputs_reproduce_the_layer_with_other_paddings(conv: nn.Module) -> None:
+    test_conv_inputs_reproduce_the_layer_with_any_padding(conv)

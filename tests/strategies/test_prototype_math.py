@@ -1,6 +1,7 @@
 """Prototype banks: federated merges and removals equal central class means."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -139,3 +140,78 @@ def test_bank_validates_shapes_and_labels():
         PrototypeBank.from_embeddings(np.zeros((2, 2)), np.array([0, 3]), 3)
     with pytest.raises(ValueError, match="differ in shape"):
         PrototypeBank.empty(3, 2).merged(PrototypeBank.empty(4, 2))
+
+
+def test_running_mean_update_refuses_a_negative_count_of_either_kind() -> None:
+    for count, batch_count in [(-1, 2), (2, -1)]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^counts must be non-negative, got count={count}, batch_count={batch_count}$",
+        ):
+            running_mean_update(np.zeros(2), count, np.ones(2), batch_count)
+
+
+def test_running_mean_update_of_an_empty_batch_keeps_the_prototype_as_float64() -> None:
+    proto, count = running_mean_update(np.array([1.5, 2.5], dtype=np.float32), 3, np.zeros(2), 0)
+    assert proto.dtype == np.float64 and proto.tolist() == [1.5, 2.5] and count == 3
+
+
+def test_running_mean_update_returns_float64_for_any_input_dtype() -> None:
+    proto, _ = running_mean_update(np.zeros(2), 0, np.array([1, 3]), 4)  # integer batch mean
+    assert proto.dtype == np.float64 and proto.tolist() == [1.0, 3.0]
+    wide = np.array([1.0, 2.0], dtype=np.longdouble)
+    proto, count = running_mean_update(wide, 1, np.array([4.0, 8.0]), 2)
+    assert proto.dtype == np.float64 and proto.tolist() == [3.0, 6.0] and count == 3
+
+
+def test_running_mean_update_after_a_single_example() -> None:
+    proto, count = running_mean_update(np.array([2.0, 2.0]), 1, np.array([5.0, 8.0]), 2)
+    np.testing.assert_allclose(proto, [4.0, 6.0], rtol=1e-15)
+    assert count == 3
+
+
+def test_bank_stores_float64_sums_and_int64_counts_whatever_it_is_given() -> None:
+    bank = PrototypeBank([[1, 2], [3, 4]], np.array([1, 0], dtype=np.int32))
+    assert isinstance(bank.sums, np.ndarray) and bank.sums.dtype == np.float64
+    assert bank.counts.dtype == np.int64 and bank.counts.tolist() == [1, 0]
+
+
+def test_bank_validation_messages() -> None:
+    cases = [
+        ((np.zeros(3), np.zeros(3, dtype=np.int64)), r"^sums must be \(num_classes, dim\)"),
+        ((np.zeros((3, 2)), np.zeros(2, dtype=np.int64)), r"^counts must have shape \(3,\) "),
+        ((np.zeros((2, 2)), np.zeros(2)), r"^counts must be integers, got dtype float64$"),
+        ((np.zeros((2, 2)), np.array([1, -1])), r"^counts must be non-negative$"),
+    ]
+    for (sums, counts), message in cases:
+        with pytest.raises(ValueError, match=message):
+            PrototypeBank(sums, counts)
+    labels = np.array([0, 1])
+    with pytest.raises(ValueError, match=r"^embeddings must be \(n, dim\), got shape \(2,\)$"):
+        PrototypeBank.from_embeddings(np.zeros(2), labels, 3)
+    with pytest.raises(ValueError, match=r"^labels must have shape \(3,\), got \(2,\)$"):
+        PrototypeBank.from_embeddings(np.zeros((3, 2)), labels, 3)
+    with pytest.raises(ValueError, match=r"^labels must be integers, got dtype float64$"):
+        PrototypeBank.from_embeddings(np.zeros((2, 2)), labels.astype(float), 3)
+
+
+def test_a_class_without_examples_has_a_nan_prototype_whatever_its_sums() -> None:
+    bank = PrototypeBank(np.array([[1.0, 1.0], [2.0, 4.0]]), np.array([0, 2]))
+    protos = bank.prototypes()
+    assert np.all(np.isnan(protos[0])) and protos[1].tolist() == [1.0, 2.0]
+
+
+def test_predict_knows_a_class_from_one_example_and_returns_int64() -> None:
+    bank = PrototypeBank.from_embeddings(np.array([[0.0, 0.0], [4.0, 4.0]]), np.array([2, 0]), 3)
+    predicted = bank.predict(np.array([[3.0, 3.5], [0.5, -1.0]]))
+    assert predicted.dtype == np.int64 and predicted.tolist() == [0, 2]
+
+
+def test_predict_refuses_embeddings_of_the_wrong_shape() -> None:
+    bank = PrototypeBank.from_embeddings(np.ones((2, 2)), np.array([0, 1]), 2)
+    for embeddings in (np.zeros((4, 3)), np.zeros(2)):
+        shape = re.escape(str(embeddings.shape))
+        with pytest.raises(ValueError, match=rf"^embeddings must be \(n, 2\), got shape {shape}$"):
+            bank.predict(embeddings)
+    with pytest.raises(ValueError, match=r"^predict needs at least one class with a prototype$"):
+        PrototypeBank.empty(3, 2).predict(np.zeros((1, 2)))
