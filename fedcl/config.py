@@ -13,6 +13,7 @@ import io
 import math
 import re
 import typing
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,15 +183,26 @@ class CheckpointConfig:
 
 
 # Built-in unlearning methods (`fedcl.unlearning.methods`); an import path names a user's own.
-UNLEARNING_METHODS = ("none", "retrain", "native", "finetune", "ascent")
+UNLEARNING_METHODS = (
+    "none",
+    "retrain",
+    "sharded",
+    "native",
+    "finetune",
+    "ascent",
+    "federaser",
+)
+# How `sharded` aggregates its shard models' predictions: averaged logits or a majority vote.
+SHARD_AGGREGATES = ("logits", "vote")
 
 
 @dataclass
 class UnlearningConfig:
     """What happens to the global model at each delete event (`fedcl.unlearning`): `method` is
-    `none` (the data is only excluded from then on), `retrain`, `native`, `finetune`, `ascent`,
-    or the import path of a function (`module:function`, given `options`). `oracle: true` also
-    runs the same seed with the deleted data absent from the start and measures against it."""
+    `none` (the data is only excluded from then on), `retrain`, `sharded`, `native`,
+    `finetune`, `ascent`, `federaser`, or the import path of a function (`module:function`,
+    given `options`). `oracle: true` also runs the same seed with the deleted data absent from
+    the start and measures against it."""
 
     method: str = "none"
     oracle: bool = False
@@ -198,6 +210,10 @@ class UnlearningConfig:
     ascent_lr: float = 0.01  # ascent: step size of gradient ascent on the forget set
     ascent_epochs: int = 1  # ascent: epochs over each affected client's forget set
     ascent_bound: float = 1.0  # ascent: largest L2 norm of the ascent's change to the model
+    num_shards: int = 2  # sharded: client groups, each training its own model (SISA)
+    aggregate: str = "logits"  # sharded: prediction from the shards' averaged logits, or a vote
+    calibration_ratio: float = 0.5  # federaser: share of train.epochs the calibration trains
+    calibration_interval: int = 1  # federaser: record (and calibrate) every this many rounds
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a user method
 
 
@@ -491,6 +507,9 @@ RANGES: dict[str, Bound] = {
     "unlearning.ascent_lr": POSITIVE,
     "unlearning.ascent_epochs": AT_LEAST_1,
     "unlearning.ascent_bound": POSITIVE,
+    "unlearning.num_shards": AT_LEAST_1,
+    "unlearning.calibration_ratio": SHARE,
+    "unlearning.calibration_interval": AT_LEAST_1,
 }
 
 
@@ -581,6 +600,16 @@ def validate(cfg: DictConfig) -> None:
         f"unknown unlearning.method '{method}'; valid: {', '.join(UNLEARNING_METHODS)} or an "
         "import path 'module:function'",
     )
+    _check(
+        cfg.unlearning.aggregate in SHARD_AGGREGATES,
+        f"unknown unlearning.aggregate '{cfg.unlearning.aggregate}'; valid: "
+        f"{', '.join(SHARD_AGGREGATES)}",
+    )
+    _check(
+        method != "sharded" or cfg.unlearning.num_shards <= cfg.clients.num,
+        f"unlearning.num_shards ({cfg.unlearning.num_shards}) must not exceed clients.num "
+        f"({cfg.clients.num})",
+    )
     strategy = cfg.strategy
     _check(
         strategy.get("name") is not None or strategy.get("target") is not None,
@@ -598,3 +627,21 @@ def to_yaml(cfg: DictConfig) -> str:
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Return the resolved config as plain dicts and lists (picklable, JSON-able)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# id(config) -> (a weak reference to it, its plain form); DictConfig is unhashable.
+_PLAIN: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """`to_container(cfg)`, worked out once per config object, for the reads a run makes every
+    round (an OmegaConf read costs ~0.1 ms; a round makes dozens). Only for a config that no
+    longer changes: a run's, once it has started. Treat the result as read-only."""
+    cached = _PLAIN.get(id(cfg))
+    if cached is not None and cached[0]() is cfg:
+        return cached[1]
+    for key in [key for key, (ref, _) in _PLAIN.items() if ref() is None]:
+        del _PLAIN[key]  # configs of finished runs
+    plain = to_container(cfg)
+    _PLAIN[id(cfg)] = (weakref.ref(cfg), plain)
+    return plain

@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"comma-separated rows to run (default all): {', '.join(ENGINE_NAMES)}",
     )
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated workloads to run (default all), e.g. 1000-50-mlp128,1000-50-cnn",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and sampling")
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds allowed per row (default 300; 3600)"
@@ -49,6 +54,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             out=args.out,
             timeout_s=args.timeout,
+            workloads=[name.strip() for name in args.workloads.split(",")]
+            if args.workloads
+            else None,
         )
     except ValueError as exc:
         print(f"fedcl: error: {exc}", file=sys.stderr)

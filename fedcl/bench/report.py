@@ -8,9 +8,9 @@ Definitions (the same for every row):
   rounds: Ray and actor start, node registration, first-round warm-up); where fedcl generates the
   data set inside `fedcl.run` (no dataset cache), the bench's own generation time is taken out;
 - bytes per round: for fedcl, measured (``bytes_sent`` + ``bytes_received`` of its round records:
-  what Ray serialized between driver and actors, median after the first round); for Flower,
-  computed from message sizes, model bytes x clients sampled x 2 (down and up); 0 for the
-  in-process loops;
+  the pickled bytes that crossed between driver and actors, median after the first round); for
+  Flower, computed from message sizes, model bytes x clients sampled x 2 (down and up); 0 for
+  the in-process loops;
 - lean ratio: updates/s / (lean loop updates/s x cores the row used).
 """
 

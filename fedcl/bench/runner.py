@@ -143,10 +143,12 @@ def run_bench(
     out: str | Path | None = "bench.json",
     timeout_s: float | None = None,
     progress: bool = True,
+    workloads: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return its report: `machine`, `settings`, `notes` and `rows`.
 
-    `engines` picks rows by name (`ENGINE_NAMES`; default all); `out` is the JSON file written
+    `engines` picks rows by name (`ENGINE_NAMES`; default all), `workloads` workloads by
+    `Workload.key` (default all); `out` is the JSON file written
     (None: none); `timeout_s` bounds each row's process (default 300 s quick, 3600 s full);
     progress goes to stderr. A row that fails is kept with `ok: false` and its error.
     """
@@ -161,8 +163,8 @@ def run_bench(
         "s/round: median of the rounds after the first; updates/s = clients per round / s/round.",
         "start-up: wall - rounds x s/round (Ray start, actors, node registration, first-round "
         "warm-up).",
-        "MB/round: fedcl's measured (what Ray serialized between driver and actors); Flower's "
-        "computed, model bytes x clients sampled x 2 (down and up).",
+        "MB/round: fedcl's measured (the pickled bytes that crossed between driver and actors); "
+        "Flower's computed, model bytes x clients sampled x 2 (down and up).",
         "x lean·cores: updates/s / (lean loop updates/s x cores the row used).",
         "peak MiB: RSS of driver plus Ray actors, sampled every 0.2 s (shared pages counted in "
         "each process); peak_rss_tree_mib in the JSON adds Ray's own processes.",
@@ -183,7 +185,12 @@ def run_bench(
     elif "fedcl-vectorized" in (e.name for e in chosen):
         chosen = [e for e in chosen if e.name != "fedcl-vectorized"]
         notes.append("fedcl vectorized: skipped, fedcl's config has no engine.vectorize yet.")
-    workloads = bench_workloads(quick, rounds, seed)
+    available = bench_workloads(quick, rounds, seed)
+    missing = sorted(set(workloads or ()) - {w.key for w in available})
+    if missing:
+        valid = ", ".join(w.key for w in available)
+        raise ValueError(f"unknown workload(s) {', '.join(missing)}; valid: {valid}")
+    picked = [w for w in available if workloads is None or w.key in workloads]
     report: dict[str, Any] = {
         "machine": machine_info(),
         "settings": {
@@ -191,15 +198,15 @@ def run_bench(
             "rounds": rounds,
             "seed": seed,
             "engines": [e.name for e in chosen],
-            "workloads": [w.to_dict() for w in workloads],
+            "workloads": [w.to_dict() for w in picked],
         },
         "notes": notes,
         "rows": [],
     }
-    total = len(workloads) * len(chosen)
+    total = len(picked) * len(chosen)
     done = 0
     with tempfile.TemporaryDirectory(prefix="fedcl-bench-") as tmp:
-        for index, workload in enumerate(workloads):
+        for index, workload in enumerate(picked):
             _say(f"{workload.label}: preparing {workload.num_samples} MNIST-1D samples", progress)
             data = prepare_data(workload)
             folder = Path(tmp) / f"workload-{index}" / "data"

@@ -70,6 +70,11 @@ class Workload:
         return round(self.num_clients * self.samples_per_client / _TRAIN_SHARE)
 
     @property
+    def key(self) -> str:
+        """The name `fedcl bench --workloads` picks it by, e.g. '1000-50-mlp256'."""
+        return f"{self.num_clients}-{self.per_round}-{self.model}"
+
+    @property
     def label(self) -> str:
         """A short human-readable name, e.g. '1000/50 MLP 40-256-256-10'."""
         return f"{self.num_clients}/{self.per_round} {self.model_spec.label}"

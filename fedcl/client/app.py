@@ -11,11 +11,12 @@ per-client state across rounds; it lives on the actor the node is pinned to.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -30,7 +31,12 @@ from fedcl.client import replay
 from fedcl.client.messages import client_of, single_record, to_array_record
 from fedcl.client.runtime import ClientRuntime, current_runtime
 from fedcl.client.training import TrainStats, accuracy, train_local
-from fedcl.client.vectorized import ClientBatchData, stacked_state, train_clients_stacked
+from fedcl.client.vectorized import (
+    ClientBatchData,
+    StackedResult,
+    stacked_state,
+    train_clients_stacked,
+)
 from fedcl.protocol import (
     ARRAYS,
     AUDIT_KEY,
@@ -230,11 +236,12 @@ def train_many(
     *,
     vectorize: bool,
     stacked: list[StackedArrays] | None = None,
+    on_failure: Callable[[Exception], None] | None = None,
 ) -> list[Message | None]:
     """`train` for all of one actor's train messages of a round at once.
 
     With `vectorize` (``engine.vectorize``), the clients that received the same model and FedProx
-    μ train together with `torch.func` (`train_clients_stacked`); each reply equals `train`'s to
+    μ train together (`train_clients_stacked`); each reply equals `train`'s to
     float32 rounding. Without, each client trains alone with `train_local`, bit for bit as in
     `train`; that pays only with `stacked`, so without it every client is left to the ClientApp.
 
@@ -243,7 +250,10 @@ def train_many(
     into their replies: for a caller that sums them (`fedcl.engine.summation.sum_replies`).
 
     A client whose preparation or training fails gets None: run it through the ClientApp, which
-    reports its failure as for any client.
+    reports its failure as for any client. When vectorized training of a group fails as a whole
+    (a model it cannot run), `on_failure` gets the exception and the group's clients get None;
+    nothing of theirs was recorded yet (replay buffer, train count), so the ClientApp trains
+    them as if this had not been tried.
     """
     runtime = current_runtime()
     replies: dict[int, Message | None] = dict.fromkeys(range(len(messages)))
@@ -261,22 +271,23 @@ def train_many(
             key in job.config for key in runtime.train_extras for _, job in members
         )
         if vectorize:
-            _train_vectorized(messages, contexts, members, keep, stacked, replies)
+            try:
+                trained = _train_group(messages, members)
+            except Exception as exc:  # e.g. a model vmap cannot run; the ClientApp still can
+                if on_failure is not None:
+                    on_failure(exc)
+                continue
+            _reply_vectorized(messages, contexts, members, trained, keep, stacked, replies)
         elif keep:
             _train_each(messages, contexts, members, stacked, replies)
     return [replies[i] for i in range(len(messages))]
 
 
-def _train_vectorized(
-    messages: Sequence[Message],
-    contexts: Sequence[Context],
-    members: list[tuple[int, TrainJob]],
-    keep: bool,
-    stacked: list[StackedArrays] | None,
-    replies: dict[int, Message | None],
-) -> None:
-    """Train `members` (one model, one μ) together; their replies go into `replies`, their
-    arrays into `stacked` if `keep`."""
+def _train_group(
+    messages: Sequence[Message], members: list[tuple[int, TrainJob]]
+) -> tuple[nn.Module, dict[str, torch.Tensor], StackedResult]:
+    """Train `members` (one model, one μ) together: the model holding the global weights, the
+    stacked state (`stacked_state`) and the result. Changes no client's state."""
     runtime = current_runtime()
     first = messages[members[0][0]]
     model = runtime.load_model(single_record(first.content.array_records, "ArrayRecord"))
@@ -288,11 +299,25 @@ def _train_vectorized(
         proximal_mu=members[0][1].proximal_mu,
         device=runtime.device,
     )
-    state = stacked_state(model, trained.params, len(members))
+    return model, stacked_state(model, trained.params, len(members)), trained
+
+
+def _reply_vectorized(
+    messages: Sequence[Message],
+    contexts: Sequence[Context],
+    members: list[tuple[int, TrainJob]],
+    trained: tuple[nn.Module, dict[str, torch.Tensor], StackedResult],
+    keep: bool,
+    stacked: list[StackedArrays] | None,
+    replies: dict[int, Message | None],
+) -> None:
+    """The replies of `members` trained together (`_train_group`) go into `replies`, their
+    arrays into `stacked` if `keep`."""
+    model, state, result = trained
     if keep and stacked is not None:
         arrays = {name: values.detach().cpu().numpy() for name, values in state.items()}
         stacked.append(StackedArrays([i for i, _ in members], arrays))
-    for row, ((i, job), stats) in enumerate(zip(members, trained.stats, strict=True)):
+    for row, ((i, job), stats) in enumerate(zip(members, result.stats, strict=True)):
         if keep:
             replies[i] = reply(messages[i], contexts[i], job, None, stats, vectorized=True)
         else:

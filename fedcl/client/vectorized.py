@@ -1,7 +1,10 @@
-"""Vectorized virtual clients: train several clients of a round at once with torch.func.
+"""Vectorized virtual clients: train several clients of a round at once.
 
 `train_clients_vectorized` stacks one copy of the model's parameters per client and runs every
-client's SGD step together (`vmap` of `grad_and_value` over `functional_call`). Each client gets
+client's SGD step together: for a model that is a chain of layers `fedcl.client.batched` knows
+(fedcl's MLP and CNN among them), as batched layers under plain autograd; for any other, as
+`vmap` of `grad_and_value` over `functional_call` (slower: functorch's per-operation dispatch
+costs more than these small layers' arithmetic). Each client gets
 exactly the batches, loss and SGD update that `train_local` would give it from the same starting
 weights; only the floating-point summation order differs (see the function's docstring for the
 tolerance). `can_vectorize` says whether a model qualifies, `vectorization_gain` measures whether it
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedcl.client.batched import BatchedForward, batched_forward, batched_loss_step
 from fedcl.client.training import TrainStats, train_local
 
 # Modules whose training-mode forward updates state or draws random numbers: per-client buffers
@@ -61,35 +66,58 @@ class _Schedule:
     width: list[int]  # per step: rows per padded batch (always `batch_size`, see `_schedule`)
 
 
-def _batches(
-    n: int, seed: int, epochs: int, batch_size: int, max_steps: int | None
-) -> list[torch.Tensor]:
-    """The row batches `train_local` draws: one generator, a fresh permutation per epoch."""
+@dataclass(frozen=True)
+class _Plan:
+    """One client's batches as `train_local` draws them: per epoch a permutation of its rows (the
+    last one cut where `max_steps` ends), consecutive `batch_size` slices of it being the
+    batches."""
+
+    orders: list[torch.Tensor]
+    steps: int
+
+    def stats(self, n: int, total_loss: float) -> TrainStats:
+        """What `train_local` reports for this plan on n rows, given the summed loss."""
+        whole = len(self.orders[0]) == n  # a whole epoch uses every row
+        used = np.arange(n) if whole else np.sort(self.orders[0].numpy())
+        examples = sum(len(order) for order in self.orders)
+        return TrainStats(total_loss / self.steps, self.steps, examples, used)
+
+
+def _plan(n: int, seed: int, epochs: int, batch_size: int, max_steps: int | None) -> _Plan:
+    """The batches `train_local` draws for n rows: one generator, a fresh permutation per epoch,
+    stopping after `max_steps` batches."""
     generator = torch.Generator().manual_seed(seed)
-    batches: list[torch.Tensor] = []
+    per_epoch = -(-n // batch_size)
+    orders: list[torch.Tensor] = []
+    steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
-        for batch in order.split(batch_size):
-            batches.append(batch)
-            if max_steps is not None and len(batches) >= max_steps:
-                return batches
-    return batches
+        if max_steps is not None and steps + per_epoch >= max_steps:
+            take = max_steps - steps
+            orders.append(order[: take * batch_size])
+            return _Plan(orders, max_steps)
+        orders.append(order)
+        steps += per_epoch
+    return _Plan(orders, steps)
 
 
-def _schedule(
-    per_client: list[list[torch.Tensor]], offsets: list[int], batch_size: int
-) -> _Schedule:
+def _schedule(plans: list[_Plan], offsets: list[int], batch_size: int) -> _Schedule:
     """Pad the batches of clients (sorted by step count, descending) into one index tensor."""
-    clients, steps = len(per_client), len(per_client[0])
-    rows = torch.zeros(clients, steps, batch_size, dtype=torch.int64)
-    real = torch.zeros(clients, steps, batch_size, dtype=torch.bool)
-    for k, batches in enumerate(per_client):
-        rows[k] = offsets[k]  # padding points at a real row of the same client: finite logits
-        for s, batch in enumerate(batches):
-            rows[k, s, : len(batch)] = batch + offsets[k]
-            real[k, s, : len(batch)] = True
+    clients, steps = len(plans), plans[0].steps
+    rows = torch.tensor(offsets, dtype=torch.int64)[:, None].repeat(1, steps * batch_size)
+    real = torch.zeros(clients, steps * batch_size, dtype=torch.bool)
+    for k, plan in enumerate(plans):
+        start = 0  # the epoch's first slot: every epoch starts a new batch
+        for order in plan.orders:
+            place = torch.arange(len(order))
+            slots = start + place  # an epoch's batches are consecutive slices of its order
+            rows[k, slots] = order + offsets[k]  # padding points at a real row: finite logits
+            real[k, slots] = True
+            start += -(-len(order) // batch_size) * batch_size
+    rows = rows.view(clients, steps, batch_size)
+    real = real.view(clients, steps, batch_size)
     counts = real.sum(2).to(torch.float32)
-    taken = [len(b) for b in per_client]
+    taken = [plan.steps for plan in plans]
     active = [sum(t > s for t in taken) for s in range(steps)]
     # Every batch is padded to the full batch size, not to the widest batch of the step: then a
     # client's arithmetic has the same shapes whichever clients it is trained with, so its result
@@ -166,7 +194,7 @@ def train_clients_vectorized(
     back unchanged with zero steps. Batches are padded to `batch_size`; padded rows do not count
     in the loss, and a client's result does not depend on which other clients it is trained with.
 
-    vmap batches the matrix products, so sums run in another order than in `train_local`: the
+    Batching the matrix products makes sums run in another order than in `train_local`: the
     results agree to rounding, not bitwise. In float32, weights typically differ by ≤ 1e-6 and
     losses by ≤ 1e-6 after tens of steps at lr ≤ 0.1 (tests hold them to 1e-5); in float64 by
     ≤ 1e-15. A rounding difference can now and then flip a ReLU or max-pool choice on a near-tie,
@@ -203,19 +231,20 @@ def train_clients_stacked(
 
     Needs a model `can_vectorize` accepts (raises ValueError on one it rejects without a probe).
     """
-    reason = _static_reason(model)
+    reason, forward = _traits(model)
     if reason is not None:
         raise ValueError(f"cannot train this model vectorized: {reason}")
     trainable, constants = _split_state(model)
     plans = [
-        _batches(len(d.x), d.seed, epochs, batch_size, max_steps) if len(d.x) else []
+        _plan(len(d.x), d.seed, epochs, batch_size, max_steps) if len(d.x) else None
         for d in datasets
     ]
     # Sorted by steps taken (descending), the clients still training at step s are a prefix:
     # every step works on views params[:active], no gather or scatter.
-    order = sorted((k for k in range(len(datasets)) if plans[k]), key=lambda k: -len(plans[k]))
+    order = sorted((k for k, plan in enumerate(plans) if plan), key=lambda k: -plans[k].steps)
     params, total_loss = _train_stacked(
         model,
+        forward,
         trainable,
         constants,
         [datasets[k] for k in order],
@@ -240,19 +269,12 @@ def train_clients_stacked(
             else trainable[n].to(device).unsqueeze(0).expand(len(datasets), *trainable[n].shape)
             for n in trainable
         }
-    stats = []
-    for k, batches in enumerate(plans):
-        if not batches:
-            stats.append(TrainStats(0.0, 0, 0, np.zeros(0, dtype=np.int64)))
-            continue
-        stats.append(
-            TrainStats(
-                loss=float(total_loss[position[k]]) / len(batches),
-                steps=len(batches),
-                examples=sum(len(b) for b in batches),
-                rows_used=np.unique(torch.cat(batches).numpy()),
-            )
-        )
+    stats = [
+        plan.stats(len(data.x), float(total_loss[position[k]]))
+        if plan
+        else TrainStats(0.0, 0, 0, np.zeros(0, dtype=np.int64))
+        for k, (plan, data) in enumerate(zip(plans, datasets, strict=True))
+    ]
     return StackedResult(stacked, stats)
 
 
@@ -272,10 +294,11 @@ def stacked_state(model: nn.Module, stacked: Tensors, clients: int) -> dict[str,
 
 def _train_stacked(
     model: nn.Module,
+    forward: BatchedForward | None,
     trainable: Tensors,
     constants: Tensors,
     datasets: list[ClientBatchData],
-    plans: list[list[torch.Tensor]],
+    plans: list[_Plan],
     *,
     batch_size: int,
     lr: float,
@@ -313,10 +336,13 @@ def _train_stacked(
     }
     anchor = {n: p.to(device) for n, p in trainable.items()}
     constants = {n: c.to(device) for n, c in constants.items()}
-    step = vmap(
-        grad_and_value(_loss_fn(model, constants, anchor, proximal_mu)),
-        in_dims=(0, 0, 0, 0, 0, 0 if masks is not None else None),
-    )
+    if forward is not None:
+        step = batched_loss_step(forward, constants, anchor, proximal_mu)
+    else:
+        step = vmap(
+            grad_and_value(_loss_fn(model, constants, anchor, proximal_mu)),
+            in_dims=(0, 0, 0, 0, 0, 0 if masks is not None else None),
+        )
     momentum_buffers: Tensors = {}
     total_loss = torch.zeros(clients, device=device, dtype=torch.float64)
     was_training = model.training
@@ -351,6 +377,21 @@ def _train_stacked(
     finally:
         model.train(was_training)
     return params, total_loss
+
+
+_TRAITS: weakref.WeakKeyDictionary[nn.Module, tuple[str | None, BatchedForward | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _traits(model: nn.Module) -> tuple[str | None, BatchedForward | None]:
+    """(`_static_reason(model)`, `batched_forward(model)`'s forward or None: use vmap), worked
+    out once per model object (an actor trains the same network object every round)."""
+    if model not in _TRAITS:
+        reason = _static_reason(model)
+        forward = batched_forward(model)[0] if reason is None else None
+        _TRAITS[model] = (reason, forward)
+    return _TRAITS[model]
 
 
 def can_vectorize(model: nn.Module, input_shape: Sequence[int] | None = None) -> str | None:

@@ -22,6 +22,7 @@ from fedcl.client.app import StackedArrays, rebuild_state, train_many
 from fedcl.client.runtime import ClientRuntime, set_runtime
 from fedcl.config import DEFAULT_APP
 from fedcl.engine.flower_compat import assign_message_id, error_reply, own_copy, partition_of
+from fedcl.engine.packing import pack, unpack
 from fedcl.engine.record_codec import encode_records
 from fedcl.engine.replies import limits_per_node
 from fedcl.engine.summation import ArraySum, SumPlan, sum_replies
@@ -111,22 +112,29 @@ class ClientActor:
             )
         return self.contexts[node_id]
 
-    def handle(
+    def handle(self, arguments: bytes, contents: dict[int, ray.ObjectRef]) -> bytes:
+        """Run the ClientApp on each (metadata, content key) of the packed (`pack`) `arguments`,
+        ``(batch, plan)``, in order; return, packed, an `ActorResult`: one reply per message
+        (with `plan`: and the sum of the train replies it could sum, which became stubs) and
+        the process's peak memory.
+
+        `contents` holds each distinct message content once, packed (strategies send one
+        shared RecordDict to all sampled nodes); each message gets its own copy (`own_copy`: the
+        array bytes are shared, never changed), so no handler leaks into the next.
+        """
+        batch, plan = unpack(arguments)
+        return pack(self.run_batch(batch, contents, plan))
+
+    def run_batch(
         self,
         batch: list[tuple[Any, int]],
         contents: dict[int, ray.ObjectRef],
         plan: SumPlan | None = None,
     ) -> ActorResult:
-        """Run the ClientApp on each (metadata, content key) in order; return one reply per message
-        (with `plan`: and the sum of the train replies it could sum, which became stubs) and the
-        process's peak memory.
-
-        `contents` holds each distinct message content once (strategies send one shared RecordDict
-        to all sampled nodes); each message gets its own copy (`own_copy`: the array bytes are
-        shared, never changed), so no handler leaks into the next.
-        """
+        """`handle`'s work on unpacked arguments."""
         keys = list(contents)
-        shared = dict(zip(keys, ray.get([contents[k] for k in keys]), strict=True))
+        packed = ray.get([contents[k] for k in keys])
+        shared = {key: unpack(value) for key, value in zip(keys, packed, strict=True)}
         messages = [make_message(metadata, own_copy(shared[key])) for metadata, key in batch]
         replies: dict[int, Message] = {}
         trains = [i for i, m in enumerate(messages) if m.metadata.message_type == MessageType.TRAIN]
@@ -172,12 +180,15 @@ class ClientActor:
         contexts = [self.context(m.metadata.dst_node_id) for m in messages]
         groups: list[StackedArrays] | None = [] if stacked is not None else None
         try:
-            replies = train_many(messages, contexts, vectorize=self.vectorized, stacked=groups)
-        except Exception as exc:  # e.g. a model vmap cannot run: the sequential path still works
-            if not self.warned:
-                how = "vectorized" if self.vectorized else "batched"
-                logger.warning("%s training failed (%s); training clients one by one", how, exc)
-                self.warned = True
+            replies = train_many(
+                messages,
+                contexts,
+                vectorize=self.vectorized,
+                stacked=groups,
+                on_failure=self._warn_once,
+            )
+        except Exception as exc:  # nothing recorded yet: the ClientApp trains each client
+            self._warn_once(exc)
             return {}
         for group in groups or ():
             moved = [positions[i] for i in group.positions]
@@ -188,6 +199,13 @@ class ClientActor:
                 assign_message_id(reply)
                 together[position] = reply
         return together
+
+    def _warn_once(self, exc: Exception) -> None:
+        """Say, once per actor, that training clients together failed and why."""
+        if not self.warned:
+            how = "vectorized" if self.vectorized else "batched"
+            logger.warning("%s training failed (%s); training clients one by one", how, exc)
+            self.warned = True
 
     def export_states(self) -> dict[int, RecordDict]:
         """Every node's `Context.state` (for checkpoints)."""

@@ -27,9 +27,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedcl.engine.flower_compat import assign_message_id, error_reply, partition_of
+from fedcl.engine.packing import pack, unpack
 from fedcl.engine.summation import ArraySum, SumPlan
 from fedcl.errors import FedclError
-from fedcl.metrics.system import inline_size, object_sizes
 from fedcl.protocol import SERVER_ROUND
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class _Call:
     actor: int  # index into RayGrid.actors
     handle: ray.actor.ActorHandle  # the actor it went to
     batch: list[tuple[Any, int]]
-    contents: dict[int, ray.ObjectRef]
+    contents: dict[int, ray.ObjectRef]  # each a pickled RecordDict (`pack`)
     plan: SumPlan | None
     message_ids: list[str]
     node_ids: np.ndarray
@@ -63,6 +63,7 @@ class _Call:
     trains: np.ndarray  # bool: train messages
     attempt: int = 0  # how often it has been sent again
     sent_bytes: int = 0  # what one sending of it moves: its contents and inline arguments
+    arguments: bytes = b""  # (batch, plan), pickled (`pack`)
 
 
 class RayGrid(Grid):
@@ -141,6 +142,7 @@ class RayGrid(Grid):
         each actor sums the train replies it can (`take_sums`) and replies with stubs."""
         calls: dict[int, _Call] = {}
         contents: dict[int, ray.ObjectRef] = {}
+        sizes: dict[int, int] = {}  # content key -> bytes of its pickled form
         rounds: dict[int, int] = {}  # content key -> its server round
         per_actor: dict[int, tuple[list[int], list[int], list[bool]]] = {}  # nodes, rounds, trains
         message_ids = []
@@ -153,7 +155,9 @@ class RayGrid(Grid):
             self._requests[message_id] = message
             key = id(message.content)
             if key not in contents:
-                contents[key] = ray.put(message.content)
+                packed = pack(message.content)
+                contents[key] = ray.put(packed)
+                sizes[key] = len(packed)
                 rounds[key] = round_of(message.content)
             actor = self.actor_of(node_id)
             if actor not in calls:
@@ -167,11 +171,10 @@ class RayGrid(Grid):
             nodes.append(node_id)
             call_rounds.append(rounds[key])
             trains.append(message.metadata.message_type == MessageType.TRAIN)
-        sizes = dict(zip(contents, object_sizes(list(contents.values())), strict=True))
         for actor, call in calls.items():
             nodes, call_rounds, trains = per_actor[actor]
-            call.sent_bytes = sum(sizes[key] for key in call.contents)
-            call.sent_bytes += inline_size((call.batch, call.plan))
+            call.arguments = pack((call.batch, call.plan))
+            call.sent_bytes = sum(sizes[key] for key in call.contents) + len(call.arguments)
             call.node_ids = np.asarray(nodes, dtype=np.int64)
             call.rounds = np.asarray(call_rounds, dtype=np.int64)
             call.trains = np.asarray(trains, dtype=bool)
@@ -225,9 +228,9 @@ class RayGrid(Grid):
         return sums
 
     def take_traffic(self) -> tuple[int, int]:
-        """(bytes sent to the actors, bytes received from them) since the last call, as Ray
-        serialized them (`fedcl.metrics.system`): each call's message contents and inline
-        arguments, each call's result."""
+        """(bytes sent to the actors, bytes received from them) since the last call: the lengths
+        of the pickled bytes that crossed (`fedcl.engine.packing`, `fedcl.metrics.system`), each
+        call's message contents and arguments, each call's result."""
         traffic, self._traffic = tuple(self._traffic), [0, 0]
         return traffic  # type: ignore[return-value]
 
@@ -241,7 +244,7 @@ class RayGrid(Grid):
 
     # --- internals ---------------------------------------------------------------------------
     def _submit(self, call: _Call) -> None:
-        ref = call.handle.handle.remote(call.batch, call.contents, call.plan)
+        ref = call.handle.handle.remote(call.arguments, call.contents)
         self._in_flight[ref] = call
         self._traffic[0] += call.sent_bytes
 
@@ -252,18 +255,18 @@ class RayGrid(Grid):
             return
         refs = list(self._in_flight)
         ready, _ = ray.wait(refs, num_returns=1 if wait_for_one else len(refs), timeout=timeout)
-        self._traffic[1] += sum(object_sizes(ready))
         for ref in ready:
             call = self._in_flight.pop(ref)
             try:
-                result = ray.get(ref)
+                packed = ray.get(ref)
             except ACTOR_LOST as exc:
                 self._actor_lost(call, _death_cause(exc))
                 continue
             except ray.exceptions.RayError as exc:
                 self._fail(call, f"actor failed: {type(exc).__name__}: {_first_line(exc)}")
                 continue
-            self._deliver(call, result)
+            self._traffic[1] += len(packed)
+            self._deliver(call, unpack(packed))
 
     def _deliver(self, call: _Call, result: ActorResult) -> None:
         replies, total = result.replies, result.total

@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
-from fedcl.config import to_container, to_yaml
+from fedcl.config import plain_config, to_container, to_yaml
 from fedcl.engine import strategy_calls
 from fedcl.engine.actor import ActorFactory, kill_actors
 from fedcl.engine.audit import DeletionAudit, pop_trained_ids
@@ -59,7 +59,6 @@ from fedcl.models import model_from_config
 from fedcl.scenario.datasets import ArrayDataset, cache_folder, load_dataset
 from fedcl.scenario.scenario import Scenario, build_scenario
 from fedcl.seeding import derive_rng, derive_seed
-from fedcl.strategies import build_strategy
 from fedcl.strategies.base import ClientExtension, ContinualStrategy, ScenarioInfo
 from fedcl.unlearning import (
     Unlearning,
@@ -68,6 +67,7 @@ from fedcl.unlearning import (
     with_unlearning_handlers,
 )
 from fedcl.unlearning.replica import EngineParts
+from fedcl.unlearning.sharded import ShardedStrategy, build_run_strategy, evaluation_model
 
 
 @dataclass
@@ -146,9 +146,12 @@ def _simulate(
     def new_model():
         return model_from_config(container, dataset.input_shape, dataset.num_classes)
 
-    arrays = ArrayRecord(new_model().state_dict())
+    def eval_model():  # what the driver predicts with: the model, or a sharded run's ensemble
+        return evaluation_model(cfg, container, dataset.input_shape, dataset.num_classes)
+
+    arrays = ArrayRecord(eval_model().state_dict())
     import_modules(cfg.imports)
-    strategy = build_strategy(container["strategy"], cfg.clients.num)
+    strategy = build_run_strategy(container, cfg)
     check_unlearning(cfg, strategy, resuming=resume is not None)
     extension = with_unlearning_handlers(strategy_calls.client_extension(strategy), cfg)
     load_object(cfg.client.app, what="client.app", expect=ClientApp)
@@ -185,7 +188,7 @@ def _simulate(
             starts_after=resume.server_round if resume is not None else 0,
         )
         grid = RayGrid(actors, node_ids, make_run(run_id), recovery=recovery)
-        evaluator = TaskEvaluator(dataset, scenario, new_model, cfg.eval.batch_size)
+        evaluator = TaskEvaluator(dataset, scenario, eval_model, cfg.eval.batch_size)
         observers: list[RoundObserver] = [
             RecorderObserver(recorder),
             ProgressObserver(cfg.rounds, cfg.log.progress if progress is None else progress),
@@ -333,6 +336,8 @@ class TrainStep:
 
 def _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario) -> TrainStep:
     """configure_train -> send_and_receive -> audit and screen replies -> aggregate_train."""
+    settings = plain_config(cfg)  # read every round: plain dicts, not OmegaConf's slow reads
+    engine = settings["engine"]
     needed = _nodes_needed(strategy)
     if len(online) < needed:
         return TrainStep(
@@ -340,16 +345,16 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenar
         )
     # Stock Flower strategies sample nodes with the global `random`; seeding it per round from
     # (seed, round) makes their sampling reproducible and independent of earlier rounds.
-    random.seed(derive_seed(cfg.seed, "sample", server_round))
+    random.seed(derive_seed(settings["seed"], "sample", server_round))
     messages = strategy_calls.configure_train(strategy, server_round, arrays, ConfigRecord(), grid)
     # Only fedcl's RayGrid has actors that can sum; any other Flower Grid gets every reply.
-    can_sum = cfg.engine.sum_on_actors and isinstance(grid, RayGrid)
+    can_sum = engine["sum_on_actors"] and isinstance(grid, RayGrid)
     plan = sum_plan(strategy, server_round) if can_sum else None
     if plan is None:  # Flower's own signature
-        replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s))
+        replies = list(grid.send_and_receive(messages, timeout=engine["timeout_s"]))
     else:
-        replies = list(grid.send_and_receive(messages, timeout=cfg.engine.timeout_s, plan=plan))
-    unanswered = _unanswered(grid, messages, replies, cfg.engine.timeout_s)
+        replies = list(grid.send_and_receive(messages, timeout=engine["timeout_s"], plan=plan))
+    unanswered = _unanswered(grid, messages, replies, engine["timeout_s"])
     audit.record(server_round, pop_trained_ids(replies))
     model_key = getattr(strategy, "arrayrecord_key", "arrays")
     weight_key = getattr(strategy, "weighted_by_key", None)
@@ -358,9 +363,9 @@ def _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenar
         arrays,
         model_key,
         limits_per_node(
-            cfg, scenario, server_round, weight_key if isinstance(weight_key, str) else None
+            settings, scenario, server_round, weight_key if isinstance(weight_key, str) else None
         ),
-        max_rejected=cfg.screen.max_rejected,
+        max_rejected=settings["screen"]["max_rejected"],
         screened_before=is_stub if plan is not None else None,
     )
     replies = screened.replies
@@ -404,13 +409,28 @@ class PlayedRound:
 
 
 def train_round(
-    cfg, strategy, grid, arrays, scenario, server_round, audit, *, task_end_hooks: bool = True
+    cfg,
+    strategy,
+    grid,
+    arrays,
+    scenario,
+    server_round,
+    audit,
+    *,
+    task_end_hooks: bool = True,
+    members: np.ndarray | None = None,
 ) -> PlayedRound:
     """A round after its events: the online clients, training (audited), the task-end hooks
     (unless `task_end_hooks` is False). The main loop and `fedcl.unlearning`'s replays play
-    rounds through this alone."""
+    rounds through this alone; a sharded run's strategy plays each shard's part through it
+    (`ShardedStrategy.train_round`), with `members` (a mask over clients) keeping only the
+    shard's clients of the round's online ones."""
+    if isinstance(strategy, ShardedStrategy):
+        return strategy.train_round(cfg, grid, arrays, scenario, server_round, audit)
     available = scenario.available_array(server_round)
     online = _online_clients(cfg, available, server_round)
+    if members is not None:
+        online = online[members[online]]
     grid.set_available(node_id_of(online))
     train_started = time.perf_counter()
     step = _train_step(cfg, strategy, grid, arrays, server_round, online, audit, scenario)
@@ -563,7 +583,7 @@ def _evaluate_round(cfg, scenario, evaluator, arrays, server_round, available) -
     """The round's record so far: accuracy on every seen task (+ the next, for transfer)."""
     task = scenario.global_task(server_round)
     seen = scenario.seen_tasks(server_round)
-    has_next = cfg.eval.forward_transfer and task + 1 < scenario.num_tasks
+    has_next = plain_config(cfg)["eval"]["forward_transfer"] and task + 1 < scenario.num_tasks
     next_task = task + 1 if has_next and task + 1 not in seen else None
     # Concepts are weighted over every available client, not only this round's online ones.
     scores = evaluator.evaluate_round(arrays, server_round, available, next_task)

@@ -202,6 +202,7 @@ def stacked_problems(
         return [f"arrays {list(arrays)[:3]} are not the global model's {names[:3]}"] * rows
     problems: list[str | None] = [None] * rows
     distance = np.zeros(rows)
+    floats: list[tuple[str, np.ndarray]] = []
     for name in names:
         want, values = values_of(reference[name]), arrays[name]
         same_kind = np.can_cast(values.dtype, want.dtype, casting="same_kind")
@@ -210,12 +211,19 @@ def stacked_problems(
         if want.dtype.kind not in "fc":
             continue
         flat = values.reshape(rows, -1)
-        finite = np.isfinite(flat).all(axis=1)
-        for row in np.flatnonzero(~finite):
-            problems[row] = f"array '{name}' contains NaN or infinity"
-        if want.dtype.kind == "f":
-            delta = flat - want.reshape(1, -1)
-            distance += np.einsum("ki,ki->k", delta, delta)
+        if want.dtype.kind == "c":
+            for row in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
+                problems[row] = problems[row] or f"array '{name}' contains NaN or infinity"
+            continue
+        delta = flat - want.reshape(1, -1)
+        distance += np.einsum("ki,ki->k", delta, delta)
+        floats.append((name, flat))
+    # A NaN or infinity anywhere in a row makes its distance non-finite: only those rows (and
+    # rows so far away that the squares overflow) are searched for one, not the whole stack.
+    for row in np.flatnonzero(~np.isfinite(distance)):
+        for name, flat in floats:
+            if problems[row] is None and not np.isfinite(flat[row]).all():
+                problems[row] = f"array '{name}' contains NaN or infinity"
     norm = math.sqrt(_squared_norm(reference))
     for row, (limit, squared) in enumerate(zip(limits, distance, strict=True)):
         bound = limit.max_update_norm

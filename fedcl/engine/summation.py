@@ -283,10 +283,12 @@ def combine(replies: Sequence[Message], sums: Sequence[ArraySum], plan: SumPlan)
 
     The strategy computes the same average from it: a single reply has weight factor 1.
     """
-    stubs = [reply for reply in replies if is_stub(reply)]
+    stubs: list[Message] = []
+    rest: list[Message] = []
+    for reply in replies:
+        (stubs if is_stub(reply) else rest).append(reply)
     if not stubs:
         return list(replies)
-    rest = [reply for reply in replies if not is_stub(reply)]
     total = ArraySum()
     for part in sums:
         total.merge(part)

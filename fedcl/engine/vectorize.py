@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedcl.client.batched import batched_forward
 from fedcl.client.vectorized import can_vectorize, vectorization_gain
 from fedcl.config import DEFAULT_APP
 
@@ -76,9 +77,11 @@ def resolve_vectorize(
 
 def _probe_key(model, input_shape, num_classes, batch_size, clients, device) -> str:
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    # How vectorized steps run (batched layers or vmap) is part of what the probe measured.
+    stepping = "batched" if batched_forward(model)[0] is not None else "vmap"
     text = repr(
         (type(model).__name__, shapes, tuple(input_shape), num_classes, batch_size, clients)
-        + (device, torch.__version__, torch.get_num_threads(), os.cpu_count())
+        + (device, torch.__version__, torch.get_num_threads(), os.cpu_count(), stepping)
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

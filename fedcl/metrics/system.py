@@ -1,12 +1,12 @@
 """System figures of a run: bytes moved between the driver and the actors, and peak memory.
 
-* Bytes: what Ray actually serialized. Objects the driver puts in the object store (message
-  contents) and the actors' results are sized by the object store itself
-  (`ray.experimental.get_object_locations`); the small arguments passed inline with each actor
-  call (message metadata, the sum plan) by Ray's serializer. `fedcl.engine.grid.RayGrid` counts
-  them per actor call: a content goes to every actor that serves one of its messages (each actor
-  reads it), a call sent again after an actor died counts again, and a reply summed on its actor
-  counts as what crossed (the stub and the actor's one sum), not as a whole model.
+* Bytes: what crossed between the driver and the actors. Everything that crosses is bytes
+  fedcl pickles itself (`fedcl.engine.packing`): each message content the driver puts in the
+  object store, each actor call's arguments (message metadata, the sum plan), each call's result.
+  `fedcl.engine.grid.RayGrid` counts their lengths per actor call: a content goes to every actor
+  that serves one of its messages (each actor reads it), a call sent again after an actor died
+  counts again, and a reply summed on its actor counts as what crossed (the stub and the actor's
+  one sum), not as a whole model.
 * Peak memory: the peak resident set size (``ru_maxrss``) of the driver and of each actor
   process, so far. Pages of Ray's shared object store count in every process that maps them:
   the sum over processes is an upper bound.
@@ -18,8 +18,6 @@ import resource
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import ray
 
 MB = 1024 * 1024
 # What a metrics.jsonl line and summary.json measure of the machine rather than of the learning:
@@ -37,24 +35,6 @@ MEASURED_SUMMARY_KEYS = (
 )
 # ru_maxrss is in kibibytes on Linux, in bytes on macOS.
 _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
-
-
-def object_sizes(refs: Sequence[ray.ObjectRef]) -> list[int]:
-    """The serialized size in bytes of each object in `refs`, as the object store records it
-    (0 for one it does not know, e.g. already freed)."""
-    if not refs:
-        return []
-    try:
-        found = ray.experimental.get_object_locations(list(refs))
-    except Exception:  # noqa: BLE001 - sizes are a measurement; never fail a round for them
-        return [0] * len(refs)
-    return [int((found.get(ref) or {}).get("object_size") or 0) for ref in refs]
-
-
-def inline_size(value: Any) -> int:
-    """Bytes Ray's serializer makes of `value` (what an argument passed inline costs)."""
-    context = ray._private.worker.global_worker.get_serialization_context()
-    return int(context.serialize(value).total_bytes)
 
 
 def peak_rss_bytes() -> int:

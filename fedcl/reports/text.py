@@ -13,7 +13,9 @@ def fmt(value: float | None) -> str:
         return "-"
     if float(value).is_integer() and abs(value) < 1e15:
         return str(int(value))
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    text = f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    # A tiny negative rounds to "-0.0000": a sign the number shown does not have.
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def show(value: Any) -> str:

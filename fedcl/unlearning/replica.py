@@ -27,7 +27,6 @@ from fedcl.engine.grid import RayGrid
 from fedcl.engine.record_codec import decode_records
 from fedcl.scenario.datasets import ArrayDataset
 from fedcl.scenario.scenario import Scenario
-from fedcl.strategies import build_strategy
 from fedcl.strategies.base import ClientExtension, ContinualStrategy
 
 
@@ -70,10 +69,13 @@ class Replica:
         self.reset()
 
     def reset(self) -> None:
-        """A fresh strategy (told `on_run_start`), audit and counters: the state of round 0
-        but for the clients' states, which `load` or `clear_clients` sets."""
+        """A fresh strategy (the run's, `sharded.build_run_strategy`; told `on_run_start`),
+        audit and counters: the state of round 0 but for the clients' states, which `load` or
+        `clear_clients` sets."""
+        from fedcl.unlearning.sharded import build_run_strategy  # it imports this module
+
         cfg = self.parts.cfg
-        self.strategy = build_strategy(self.parts.container["strategy"], cfg.clients.num)
+        self.strategy = build_run_strategy(self.parts.container, cfg)
         if isinstance(self.strategy, ContinualStrategy):
             info = self._loop.scenario_info(cfg, self.scenario, self.parts.dataset.num_classes)
             strategy_calls.notify(self.strategy, "on_run_start", 0, info)

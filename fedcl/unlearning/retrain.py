@@ -39,7 +39,8 @@ def retrain(
     """Unlearn the delete events `events` of `server_round` by rollback and replay, the data of
     the delete events `absent` (these and every earlier one) absent; return the global arrays
     (None: the data was never visible to a client, nothing to undo) and the cost: the round
-    rolled back to, rounds re-run, seconds (replica start-up apart, in `start_s`).
+    rolled back to, rounds re-run, client updates re-run, seconds (replica start-up apart, in
+    `start_s`).
 
     The replay's rounds are audited against the scenario without the data, and counted in
     `audit`; `strategy` and the clients of `grid` take the replayed state. `replica`: one on
@@ -59,12 +60,15 @@ def retrain(
     else:
         replica.reset()
     start_s = time.perf_counter() - started
+    updates = 0
     try:
         arrays = replica.load(checkpoint)
         for replayed in range(rolled_back_to + 1, server_round):
             arrays = replica.events(replayed, arrays)
             arrays = replica.train(replayed, arrays)
-            _check_absent(audit, replayed, replica.trained_ids(replayed), forbidden)
+            trained = replica.trained_ids(replayed)
+            _check_absent(audit, replayed, trained, forbidden)
+            updates += len(trained)
             store.observe(replayed, arrays, replica.strategy, replica.grid)
         arrays = replica.events(server_round, arrays)
         state, why = strategy_state(replica.strategy)
@@ -76,7 +80,11 @@ def retrain(
         if own:
             replica.close()
     start_s += replica.warmup_s
-    cost.update(rounds=replica.rounds, seconds=time.perf_counter() - started - start_s)
+    cost.update(
+        rounds=replica.rounds,
+        client_updates=updates,
+        seconds=time.perf_counter() - started - start_s,
+    )
     cost["start_s"] = start_s  # the replica's start and first-round warm-up, left out
     return arrays, cost
 

@@ -35,13 +35,13 @@ from fedcl.engine.checkpoint import (
 from fedcl.engine.grid import RayGrid
 from fedcl.errors import ConfigError
 from fedcl.imports import load_object
-from fedcl.models import model_from_config
 from fedcl.scenario.scenario import Scenario
 from fedcl.strategies import available_strategies, strategy_class
 from fedcl.strategies.base import ClientExtension
 from fedcl.unlearning import measures
 from fedcl.unlearning.ascent import ASCENT_QUERY, ascend
 from fedcl.unlearning.data_absent import forget_sets, without_data
+from fedcl.unlearning.federaser import UpdateNorms, calibrate
 from fedcl.unlearning.methods import (
     BUILT_IN,
     Method,
@@ -52,6 +52,13 @@ from fedcl.unlearning.methods import (
 from fedcl.unlearning.replica import EngineParts, Replica
 from fedcl.unlearning.retrain import merge_audit, retrain
 from fedcl.unlearning.rollback import RollbackStore
+from fedcl.unlearning.sharded import (
+    SliceStore,
+    check_sharded,
+    evaluation_model,
+    shard_assignment,
+)
+from fedcl.unlearning.sharded import unlearn as unlearn_shards
 
 RECORDS = "unlearning.jsonl"
 ORACLE_FOLDER = "unlearning/oracle"  # the last deletion's oracle state, until the run ends
@@ -69,10 +76,15 @@ def exact_strategies() -> list[str]:
     return found
 
 
+# Methods the session runs itself (they roll back states it keeps), not functions of a context.
+SESSION_METHODS = ("retrain", "sharded", "federaser")
+
+
 def resolve_method(cfg: DictConfig) -> Method | None:
-    """The configured method's function; None for `retrain` (done by the session itself)."""
+    """The configured method's function; None for `retrain`, `sharded` and `federaser` (done by
+    the session itself)."""
     name = cfg.unlearning.method
-    if name == "retrain":
+    if name in SESSION_METHODS:
         return None
     if name in BUILT_IN:
         return BUILT_IN[name]
@@ -84,8 +96,9 @@ def resolve_method(cfg: DictConfig) -> Method | None:
 
 def check_unlearning(cfg: DictConfig, strategy: Any, *, resuming: bool) -> None:
     """Refuse, before the run starts (one line), what the `unlearning` section cannot do:
-    `native` on a strategy that cannot remove a contribution exactly, `retrain` on one whose
-    state cannot be saved, a method path that does not import, and resuming such a run."""
+    `native` on a strategy that cannot remove a contribution exactly, `retrain` or `federaser`
+    on one whose state cannot be saved, `sharded` on one it cannot shard (`check_sharded`), a
+    method path that does not import, and resuming such a run."""
     section = cfg.unlearning
     if section.method == "none" and not section.oracle:
         return
@@ -98,7 +111,9 @@ def check_unlearning(cfg: DictConfig, strategy: Any, *, resuming: bool) -> None:
             f"unlearning.method=native needs a strategy that removes a contribution exactly; "
             f"'{label}' cannot (valid: {', '.join(exact_strategies())})"
         )
-    if section.method == "retrain" or section.oracle:
+    if section.method == "sharded":
+        check_sharded(cfg, strategy)
+    if section.method in ("retrain", "federaser") or section.oracle:
         state, why = strategy_state(strategy)
         if state is None:
             raise ConfigError(f"unlearning needs the strategy's state for rollbacks: {why}")
@@ -145,26 +160,40 @@ class Unlearning:
                 self.groups.setdefault(event.round, []).append(event.index)
         self.initial = initial
         self.previous = initial  # the global arrays after the latest round
+        self.trained_from: ArrayRecord | None = None  # a method's arrays, this round trains from
         self.handled: list[int] = []
+        vectorize = parts.container["engine"]["vectorize"]
         self.store = (
-            RollbackStore(out_dir, scenario, parts.container["engine"]["vectorize"])
-            if self.method_name == "retrain"
+            RollbackStore(out_dir, scenario, vectorize)
+            if self.method_name in ("retrain", "federaser")
             else None
         )
+        self.slices = None  # `sharded`: each shard's slice states
+        self.norms = None  # `federaser`: the global updates' norms, per recorded round
+        if self.method_name == "sharded":
+            shard_of = shard_assignment(
+                self.cfg.clients.num, self.cfg.unlearning.num_shards, self.cfg.seed
+            )
+            self.slices = SliceStore(out_dir, scenario, shard_of, vectorize)
+        if self.method_name == "federaser":
+            self.norms = UpdateNorms(self.cfg.unlearning.calibration_interval)
         self.oracles: dict[int, OracleState] = {}
         self.final_oracle: ArrayRecord | None = None
         # The last deletion's oracle replica, and its state there, to play on to the end.
         self.tail: tuple[Replica, Checkpoint] | None = None
         self.records: list[dict[str, Any]] = []
-        self.model = model_from_config(
-            parts.container, parts.dataset.input_shape, parts.dataset.num_classes
+        self.model = evaluation_model(
+            self.cfg, parts.container, parts.dataset.input_shape, parts.dataset.num_classes
         )
 
     # --- call-outs of the round loop -----------------------------------------------------------
     def start(self, first_round: int, arrays: ArrayRecord, strategy: Any, grid: RayGrid) -> None:
-        """Before round 1: keep the state of round 0 (retrain)."""
+        """Before round 1: keep the state of round 0 (retrain, federaser; sharded: each
+        shard's)."""
         if self.store is not None:
             self.store.observe(0, arrays, strategy, grid)
+        if self.slices is not None:
+            self.slices.observe(0, arrays, strategy, grid)
 
     def close(self) -> None:
         """Stop any replica still running (the loop ends, finished or not)."""
@@ -192,7 +221,7 @@ class Unlearning:
         before = measures.scores(self.model, self.previous, sets)
         replica = None
         try:
-            if self.cfg.unlearning.oracle or self.store is not None:
+            if self.cfg.unlearning.oracle or self.method_name in ("retrain", "sharded"):
                 replica = Replica(self.parts, without_data(self.scenario, self.handled + events))
             if self.cfg.unlearning.oracle:
                 try:
@@ -219,6 +248,7 @@ class Unlearning:
         cost.setdefault("seconds", time.perf_counter() - started)
         self.handled += events
         arrays = new if new is not None else arrays
+        self.trained_from = arrays
         record = self._record(server_round, events, sets, before, arrays, cost, log)
         self.records.append(record)
         with open(self.out_dir / RECORDS, "a", encoding="utf-8") as file:
@@ -233,13 +263,19 @@ class Unlearning:
         grid: RayGrid,
         audit: DeletionAudit,
     ) -> None:
-        """After `server_round`: keep the rollback state `retrain` may need; after the last
-        round, play the oracle on to the end."""
-        self.previous = arrays
+        """After `server_round`: keep the rollback state `retrain` may need (the slices of
+        `sharded`, the update norms of `federaser`); after the last round, play the oracle on to
+        the end."""
+        if self.norms is not None:
+            start = self.trained_from if self.trained_from is not None else self.previous
+            self.norms.observe(server_round, start, arrays)
+        self.previous, self.trained_from = arrays, None
         if server_round == self.cfg.rounds and self.tail is not None:
             self._finish_oracle()
         if self.store is not None:
             self.store.observe(server_round, arrays, strategy, grid)
+        if self.slices is not None:
+            self.slices.observe(server_round, arrays, strategy, grid)
 
     def summary(self, final: ArrayRecord) -> dict[str, Any]:
         """summary.json's `unlearning`: the method, each deletion's measures in short, the
@@ -255,6 +291,10 @@ class Unlearning:
         }
         if self.store is not None:
             result["rollback_states"] = {"written": self.store.written, "bytes": self.store.bytes}
+        if self.slices is not None:
+            result["slice_states"] = {"written": self.slices.written, "bytes": self.slices.bytes}
+        if self.norms is not None:
+            result["recorded_norms"] = {"rounds": len(self.norms.rounds), "bytes": self.norms.bytes}
         if self.records and "gap" in self.records[0]:
             for key in self.records[0]["gap"]:
                 result[f"mean_gap_{key}"] = float(np.mean([r["gap"][key] for r in self.records]))
@@ -286,7 +326,37 @@ class Unlearning:
         """(new arrays or None, cost, what the method logged)."""
         found = forget_sets(self.scenario, events, server_round)
         forget = {client: ids for client, (ids, _) in found.items()}
-        if self.store is not None:
+        if self.method_name == "sharded":
+            assert self.slices is not None
+            arrays, cost = unlearn_shards(
+                self.slices,
+                self.parts,
+                self.scenario,
+                events,
+                self.handled + events,
+                server_round,
+                arrays,
+                strategy,
+                grid,
+                audit,
+                replica,
+            )
+            return arrays, cost, {}
+        if self.method_name == "federaser":
+            assert self.store is not None and self.norms is not None
+            arrays, cost = calibrate(
+                self.store,
+                self.norms,
+                self.parts,
+                self.scenario,
+                events,
+                self.handled + events,
+                server_round,
+                audit,
+            )
+            return arrays, cost, {}
+        if self.method_name == "retrain":
+            assert self.store is not None
             arrays, cost = retrain(
                 self.store,
                 self.parts,

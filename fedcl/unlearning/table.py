@@ -38,13 +38,17 @@ def row(run_dir: Path) -> list[str]:
     strategy = (config.get("strategy") or {}).get("name") or ""
     strategy = "" if strategy == "fedavg" else strategy
     mine, oracle, cost = first["unlearned"], first.get("oracle", {}), first["cost"]
+    method = first["method"]
+    if method == "sharded":
+        section = config.get("unlearning") or {}
+        method += f" ×{section.get('num_shards')}, {section.get('aggregate')}"
 
     def pair(key: str) -> str:
         return f"{mine[key]:.3f} ({oracle.get(key, float('nan')):.3f})"
 
     final: dict[str, Any] = summary["unlearning"].get("final", {})
     return [
-        f"{first['method']}{' (' + strategy + ')' if strategy else ''}",
+        f"{method}{' (' + strategy + ')' if strategy else ''}",
         pair("forget_acc"),
         pair("retain_acc"),
         pair("test_acc"),

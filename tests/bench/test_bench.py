@@ -125,3 +125,22 @@ def test_the_cli_lists_the_runners_engines():
     from fedcl.bench import cli, runner
 
     assert cli.ENGINE_NAMES == runner.ENGINE_NAMES
+
+
+def test_workloads_are_picked_by_key_and_unknown_ones_named(tmp_path, capsys):
+    from fedcl.bench.runner import bench_workloads
+
+    keys = [w.key for w in bench_workloads(quick=False)]
+    assert "1000-50-mlp128" in keys and len(set(keys)) == len(keys)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    report = run_bench(
+        engines=["lean"], workloads=["100-10-mlp256"], rounds=2, out=None, progress=False
+    )
+    assert [w["num_clients"] for w in report["settings"]["workloads"]] == [100]
+    assert [row["workload_label"] for row in report["rows"]] == ["100/10 MLP 40-256-256-10"]
+    bad = parser.parse_args(["--quick", "--workloads", "7-7-mlp9", "--out", str(tmp_path / "x")])
+    assert run_from_args(bad) == 2
+    err = capsys.readouterr().err
+    assert "unknown workload(s) 7-7-mlp9; valid: 20-5-mlp256" in err
+    assert not (tmp_path / "x").exists()

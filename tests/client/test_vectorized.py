@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedcl.client import vectorized
 from fedcl.client.training import TrainStats, train_local
 from fedcl.client.vectorized import (
     ClientBatchData,
@@ -121,12 +122,21 @@ KNOBS = {
 }
 
 
+@pytest.fixture(params=["batched", "vmap"])
+def stepping(request, monkeypatch):
+    """Both ways a step runs: batched layers (`fedcl.client.batched`, what fedcl's MLP and CNN
+    get) and vmap over functional_call (any other model), forced by hiding the batched forward."""
+    if request.param == "vmap":
+        monkeypatch.setattr(vectorized, "batched_forward", lambda model: (None, "forced"))
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn2d", "cnn1d"])
 @pytest.mark.parametrize("case", list(KNOBS))
 @pytest.mark.parametrize(
     ("seed", "dtype"), [(0, torch.float32), (1, torch.float32), (2, torch.float64)]
 )
-def test_matches_train_local_client_by_client(kind, case, seed, dtype):
+def test_matches_train_local_client_by_client(kind, case, seed, dtype, stepping):
     knobs = dict(KNOBS[case])
     masked = knobs.pop("masked", False)
     model, shape, classes = random_model(kind, seed, dtype)

@@ -88,3 +88,28 @@ def test_vectorize_values_from_yaml_booleans(value):
     from fedcl.config import load_config
 
     assert load_config(None, [f"engine.vectorize={value}"]).engine.vectorize == value
+
+
+def test_auto_probes_again_when_steps_would_run_another_way(tmp_path, monkeypatch):
+    """A decision measured with batched layers is not reused for a model that would run under
+    vmap (or after an upgrade changes that): the way steps run is part of the probe's key."""
+    from fedcl.engine import vectorize
+
+    common = dict(
+        model=build_model("mlp", (8,), 4, hidden=(16,)),
+        input_shape=(8,),
+        num_classes=4,
+        batch_size=8,
+        clients_per_round=4,
+        client_app="fedcl.client.app:app",
+        device="cpu",
+        cache=tmp_path,
+    )
+    probes = []
+    monkeypatch.setattr(vectorize, "vectorization_gain", lambda *a, **k: probes.append(1) or 2.0)
+    resolve_vectorize("auto", **common)
+    resolve_vectorize("auto", **common)
+    assert len(probes) == 1
+    monkeypatch.setattr(vectorize, "batched_forward", lambda model: (None, "not a chain"))
+    resolve_vectorize("auto", **common)
+    assert len(probes) == 2

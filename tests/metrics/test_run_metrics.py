@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from flwr.app import RecordDict
 
 import fedcl
 from fedcl.config import load_config
 from fedcl.engine.grid import RayGrid
+from fedcl.engine.packing import pack, unpack
 from fedcl.metrics.continual import continual_summary
 from fedcl.metrics.run_metrics import evaluation_rounds, resolution
 from fedcl.metrics.system import MB, peak_rss_bytes
@@ -37,20 +39,15 @@ OVERRIDES = [
     f"eval.every={EVERY}",
     "dataset.validation=0.2",
 ]
-FRAMING = 32  # bytes the object store may add to an object's serialized size
-
-
-def _serialized(value) -> int:
-    context = ray._private.worker.global_worker.get_serialization_context()
-    return int(context.serialize(value).total_bytes)
 
 
 class _Spy:
-    """Counts, independently of the grid, what every actor call carried and returned."""
+    """Counts, independently of the grid, what every actor call carried and returned: the bytes
+    in the object store, and the call's arguments and result pickled again from their objects."""
 
     def __init__(self) -> None:
-        self.sent = self.received = self.objects = 0
-        self.rounds: list[tuple[tuple[int, int], tuple[int, int, int]]] = []
+        self.sent = self.received = 0
+        self.rounds: list[tuple[tuple[int, int], tuple[int, int]]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         submit, deliver, take = RayGrid._submit, RayGrid._deliver, RayGrid.take_traffic
@@ -58,20 +55,20 @@ class _Spy:
 
         def spy_submit(grid, call):
             for ref in call.contents.values():
-                spy.sent += _serialized(ray.get(ref))
-                spy.objects += 1
-            spy.sent += _serialized((call.batch, call.plan))
+                stored = ray.get(ref)
+                assert isinstance(unpack(stored), RecordDict)
+                spy.sent += len(stored)
+            spy.sent += len(pack((call.batch, call.plan)))
             return submit(grid, call)
 
         def spy_deliver(grid, call, result):
-            spy.received += _serialized(result)
-            spy.objects += 1
+            spy.received += len(pack(result))
             return deliver(grid, call, result)
 
         def spy_take(grid):
             counted = take(grid)
-            spy.rounds.append((counted, (spy.sent, spy.received, spy.objects)))
-            spy.sent = spy.received = spy.objects = 0
+            spy.rounds.append((counted, (spy.sent, spy.received)))
+            spy.sent = spy.received = 0
             return counted
 
         monkeypatch.setattr(RayGrid, "_submit", spy_submit)
@@ -135,12 +132,8 @@ def test_summary_agrees_with_metrics_recomputed_from_metrics_jsonl(run):
 def test_bytes_per_round_equal_the_serialized_messages_that_crossed(run):
     _, records, summary, spy, _ = run
     assert len(spy.rounds) == ROUNDS
-    for record, (counted, (sent, received, objects)) in zip(records, spy.rounds, strict=True):
-        assert (record["bytes_sent"], record["bytes_received"]) == counted
-        # Object-store sizes against Ray's serializer run on the very objects: equal up to the
-        # store's framing of each object.
-        assert abs(record["bytes_sent"] - sent) <= FRAMING * objects
-        assert abs(record["bytes_received"] - received) <= FRAMING * objects
+    for record, (counted, crossed) in zip(records, spy.rounds, strict=True):
+        assert (record["bytes_sent"], record["bytes_received"]) == counted == crossed
         assert record["bytes_sent"] > 0 and record["bytes_received"] > 0
     assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in records)
     assert summary["bytes_received_per_round"] == pytest.approx(
