@@ -25,6 +25,7 @@ from fedcl.reports.runfolder import (
     scalar_metrics,
     short_strategy,
 )
+from fedcl.reports.seeds import seeds_summary
 from fedcl.reports.text import fmt, show
 
 MARKDOWN, CSV, PLOT = "compare.md", "compare.csv", "avg_acc.png"
@@ -74,12 +75,10 @@ def load_entry(path: str | Path) -> Entry:
     folder that is neither, or a run without summary.json (interrupted)."""
     path = Path(path)
     if is_seeds_parent(path):
-        return _load_parent(path)
-    if path.is_dir() and not (path / "config.yaml").exists() and any(path.glob("seed_*/")):
-        raise FedclError(
-            f"{path} holds seed_* run folders but no summary.json of a multi-seed run "
-            "(was `fedcl run --seeds` interrupted?); compare its run folders one by one"
-        )
+        return _load_parent(path, read_seeds_summary(path))
+    seed_runs = _seed_runs(path)
+    if seed_runs:  # seeds run one by one (or `--seeds` cut short): aggregated as `--seeds` does
+        return _load_parent(path, _summary_of(seed_runs))
     run = read_run(path)
     if run.summary is None:
         raise FedclError(
@@ -93,8 +92,37 @@ def load_entry(path: str | Path) -> Entry:
     )
 
 
-def _load_parent(path: Path) -> Entry:
-    summary = read_seeds_summary(path)
+def _seed_runs(path: Path) -> dict[int, Path]:
+    """The ``seed_<n>`` run folders in `path`, by seed, when `path` is not a run itself."""
+    if not path.is_dir() or (path / "config.yaml").exists():
+        return {}
+    found = {}
+    for folder in path.glob("seed_*/"):
+        suffix = folder.name.removeprefix("seed_")
+        if suffix.isdigit():
+            found[int(suffix)] = folder
+    return dict(sorted(found.items()))
+
+
+def _summary_of(seed_runs: dict[int, Path]) -> dict[str, Any]:
+    """The multi-seed summary `fedcl run --seeds` would have written for these finished runs;
+    a one-line `FedclError` if one of them has not finished."""
+    summaries, failed = {}, {}
+    for seed, folder in seed_runs.items():
+        summary = read_run(folder).summary
+        if summary is None:
+            raise FedclError(
+                f"{folder} has no summary.json: the run was interrupted; finish it "
+                f"(fedcl run --resume {folder}) or compare the finished seeds one by one"
+            )
+        if summary.get("status") == "failed":
+            failed[seed] = str(summary.get("error", "failed"))
+        else:
+            summaries[seed] = summary
+    return seeds_summary(list(seed_runs), summaries, failed)
+
+
+def _load_parent(path: Path, summary: dict[str, Any]) -> Entry:
     metrics = {
         name: Stat(float(m["mean"]), m.get("std"), int(m.get("n", 1)))
         for name, m in (summary.get("metrics") or {}).items()

@@ -16,8 +16,9 @@ from fedcl.reports.seeds import seeds_summary, write_seeds_summary
 from tests.reports.folders import ACCS, TASKS, records, write_run
 
 
-def _parent(folder: Path, accs: dict[int, float]) -> Path:
-    """A multi-seed parent with one hand-made run per seed (final acc `accs[seed]`)."""
+def _parent(folder: Path, accs: dict[int, float], with_summary: bool = True) -> Path:
+    """A multi-seed parent with one hand-made run per seed (final acc `accs[seed]`); without
+    its summary.json when not `with_summary` (seeds run one by one)."""
     summaries = {}
     for seed, acc in accs.items():
         summary = {
@@ -30,7 +31,8 @@ def _parent(folder: Path, accs: dict[int, float]) -> Path:
         curve = [*ACCS[:-1], {"0": acc, "1": acc}]
         write_run(folder / f"seed_{seed}", summary, records(curve, TASKS))
         summaries[seed] = summary
-    write_seeds_summary(folder, seeds_summary(list(accs), summaries, {}))
+    if with_summary:
+        write_seeds_summary(folder, seeds_summary(list(accs), summaries, {}))
     return folder
 
 
@@ -123,3 +125,25 @@ def test_compare_a_real_multi_seed_run_with_one_of_its_seeds(seeds_run, tmp_path
     assert float(rows["seeds"]["acc_std"]) == summary["metrics"]["acc"]["std"]
     assert float(rows["seed_0"]["acc"]) == seed0["acc"]
     assert imread(out / "avg_acc.png").ndim == 3
+
+
+def test_seeds_run_one_by_one_compare_as_a_multi_seed_run(tmp_path, capsys):
+    accs = {0: 0.6, 1: 0.7, 2: 0.95}
+    written = _parent(tmp_path / "written" / "fot", accs)
+    by_hand = _parent(tmp_path / "by-hand" / "fot", accs, with_summary=False)
+    assert not (by_hand / "summary.json").exists()
+    compare([written], tmp_path / "a")
+    compare([by_hand], tmp_path / "b")
+    written_rows, by_hand_rows = (
+        _rows(tmp_path / "a" / "compare.csv"),
+        _rows(tmp_path / "b" / "compare.csv"),
+    )
+    for row in (*written_rows.values(), *by_hand_rows.values()):
+        del row["path"]
+    assert written_rows == by_hand_rows
+    assert not (by_hand / "summary.json").exists()  # compare reads, never writes, run folders
+
+    write_run(by_hand / "seed_3", None, records(ACCS[:2], TASKS[:2]))  # still running
+    assert main(["compare", str(by_hand)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed_3 has no summary.json" in err
