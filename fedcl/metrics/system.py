@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,8 +39,20 @@ _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _RSS_UNIT
+    """Peak resident set size of this process so far, in bytes: never less than what it holds
+    now. Linux updates ``ru_maxrss`` from approximate per-CPU page counters, so it can trail
+    the resident size read this moment by a few hundred kB; the larger of the two is the peak."""
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _RSS_UNIT
+    return max(peak, _resident_bytes())
+
+
+def _resident_bytes() -> int:
+    """The resident set size now (Linux's /proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def system_record(grid: Any) -> dict[str, Any]:
