@@ -70,22 +70,35 @@ def _plot_accuracy(records: Sequence[Mapping], num_tasks: int, title: str, path:
         label = "task boundary" if n == 0 else None
         ax.axvline(x, color="grey", linestyle="--", linewidth=1.0, label=label)
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy of the global model")
-    ax.set_ylim(-0.02, 1.02)
     if rounds:
         ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    finish_accuracy_axes(
+        ax,
+        ylabel="test accuracy of the global model",
+        title=_titled(title, "Accuracy of the global model on each seen task"),
+        legend_columns=1 + num_tasks // 16,
+    )
+    fig.savefig(path, dpi=120)
+
+
+def finish_accuracy_axes(
+    ax, *, ylabel: str, title: str, xlabel: str = "round", legend_columns: int = 1
+) -> None:
+    """The look every accuracy-over-rounds plot shares: integer rounds, accuracy from 0 to 1, a
+    light grid, the title, the legend to the right of the axes."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.set_title(_titled(title, "Accuracy of the global model on each seen task"))
+    ax.set_title(title)
     ax.legend(
         loc="center left",
         bbox_to_anchor=(1.01, 0.5),
-        ncols=1 + num_tasks // 16,
+        ncols=legend_columns,
         fontsize="small",
         frameon=False,
     )
-    fig.savefig(path, dpi=120)
 
 
 def _plot_matrix(records: Sequence[Mapping], num_tasks: int, title: str, path: Path) -> None:

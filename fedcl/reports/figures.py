@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedcl.metrics.plots import _plot_matrix, _task_colors
+from fedcl.metrics.plots import _plot_matrix, _task_colors, finish_accuracy_axes
 from fedcl.reports.runfolder import avg_acc, is_number
 
 DPI = 120
@@ -87,13 +87,11 @@ def compare_figure(curves: Sequence[tuple[str, Sequence[Mapping[int, float]]]]) 
         ax.plot(rounds, mean, color=color, linewidth=1.8, marker=marker, label=label + seeds)
         if len(runs) > 1:
             ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("average accuracy over seen tasks")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.set_title("Average accuracy of the global model over the tasks seen so far")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
+    finish_accuracy_axes(
+        ax,
+        ylabel="average accuracy over seen tasks",
+        title="Average accuracy of the global model over the tasks seen so far",
+    )
     return png(fig)
 
 
@@ -139,19 +137,13 @@ def task_accuracy_figure(
             # Kinds sharing a round sit side by side instead of hiding one another.
             offset = EVENT_OFFSETS.get(kind, 0.0)
             ax.axvline(x - 0.5 + offset, color=color, linestyle=style, linewidth=1.2, label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round (an event line sits just before the round it applies in)")
-    ax.set_ylabel("test accuracy of the global model")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
     heading = "Accuracy on each seen task, with the run's events"
-    ax.set_title(f"{title}\n{heading}" if title else heading)
-    ax.legend(
-        loc="center left",
-        bbox_to_anchor=(1.01, 0.5),
-        ncols=1 + num_tasks // 16,
-        fontsize="small",
-        frameon=False,
+    finish_accuracy_axes(
+        ax,
+        xlabel="round (an event line sits just before the round it applies in)",
+        ylabel="test accuracy of the global model",
+        title=f"{title}\n{heading}" if title else heading,
+        legend_columns=1 + num_tasks // 16,
     )
     return png(fig)
 
@@ -239,13 +231,11 @@ def client_spread_figure(records: Sequence[Mapping[str, Any]]) -> bytes | None:
                 linestyle="--",
                 label=f"concept {concept}: mean over tasks",
             )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.set_title("Per-client accuracy (each client's current task, under its own concept)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
+    finish_accuracy_axes(
+        ax,
+        ylabel="accuracy",
+        title="Per-client accuracy (each client's current task, under its own concept)",
+    )
     return png(fig)
 
 
