@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -285,9 +284,9 @@ def train_many(
 
 def _train_group(
     messages: Sequence[Message], members: list[tuple[int, TrainJob]]
-) -> tuple[nn.Module, dict[str, torch.Tensor], StackedResult]:
-    """Train `members` (one model, one μ) together: the model holding the global weights, the
-    stacked state (`stacked_state`) and the result. Changes no client's state."""
+) -> tuple[nn.Module, StackedResult]:
+    """Train `members` (one model, one μ) together: the model holding the global weights, and
+    the result. Changes no client's state."""
     runtime = current_runtime()
     first = messages[members[0][0]]
     model = runtime.load_model(single_record(first.content.array_records, "ArrayRecord"))
@@ -299,21 +298,22 @@ def _train_group(
         proximal_mu=members[0][1].proximal_mu,
         device=runtime.device,
     )
-    return model, stacked_state(model, trained.params, len(members)), trained
+    return model, trained
 
 
 def _reply_vectorized(
     messages: Sequence[Message],
     contexts: Sequence[Context],
     members: list[tuple[int, TrainJob]],
-    trained: tuple[nn.Module, dict[str, torch.Tensor], StackedResult],
+    trained: tuple[nn.Module, StackedResult],
     keep: bool,
     stacked: list[StackedArrays] | None,
     replies: dict[int, Message | None],
 ) -> None:
     """The replies of `members` trained together (`_train_group`) go into `replies`, their
     arrays into `stacked` if `keep`."""
-    model, state, result = trained
+    model, result = trained
+    state = stacked_state(model, result.params, len(members))
     if keep and stacked is not None:
         arrays = {name: values.detach().cpu().numpy() for name, values in state.items()}
         stacked.append(StackedArrays([i for i, _ in members], arrays))
