@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INVALID = "invalid reply: "  # how a rejected reply's reason starts
+
+# From this many elements per call, the actors sum and screen with compiled loops
+# (`fedcl.engine.sum_kernels`): same bits, about ten times faster than numpy's passes. Smaller
+# calls stay on numpy and spare the process numba's second of start-up.
+COMPILED_FROM = 1 << 16
+COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the loops are built for
+
+
+def compiled_kernels(elements: int) -> ModuleType | None:
+    """`fedcl.engine.sum_kernels` for a call on `elements` elements, if it pays and numba is
+    importable; else None (numpy). The loops take float32 and float64 arrays only."""
+    if elements < COMPILED_FROM:
+        return None
+    try:
+        from fedcl.engine import sum_kernels
+    except ImportError:  # a platform numba does not cover: numpy gives the same results
+        return None
+    return sum_kernels
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,7 @@ def stacked_problems(
     problems: list[str | None] = [None] * rows
     distance = np.zeros(rows)
     floats: list[tuple[str, np.ndarray]] = []
+    kernels = compiled_kernels(sum(values.size for values in arrays.values()))
     for name in names:
         want, values = values_of(reference[name]), arrays[name]
         same_kind = np.can_cast(values.dtype, want.dtype, casting="same_kind")
@@ -215,8 +235,12 @@ def stacked_problems(
             for row in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
                 problems[row] = problems[row] or f"array '{name}' contains NaN or infinity"
             continue
-        delta = flat - want.reshape(1, -1)
-        distance += np.einsum("ki,ki->k", delta, delta)
+        if kernels is not None and flat.dtype in COMPILED_DTYPES and want.dtype in COMPILED_DTYPES:
+            flat = np.ascontiguousarray(flat)
+            kernels.squared_distances(flat, np.ascontiguousarray(want).reshape(-1), distance)
+        else:
+            delta = flat - want.reshape(1, -1)
+            distance += np.einsum("ki,ki->k", delta, delta)
         floats.append((name, flat))
     # A NaN or infinity anywhere in a row makes its distance non-finite: only those rows (and
     # rows so far away that the squares overflow) are searched for one, not the whole stack.

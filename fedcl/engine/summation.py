@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +33,14 @@ from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedcl.engine.replies import ReplyLimits, metric_problem, reply_problem, stacked_problems
+from fedcl.engine.replies import (
+    COMPILED_DTYPES,
+    ReplyLimits,
+    compiled_kernels,
+    metric_problem,
+    reply_problem,
+    stacked_problems,
+)
 from fedcl.npy import array_of, array_record_of, values_of
 from fedcl.protocol import ARRAYS
 
@@ -93,8 +101,13 @@ class ArraySum:
 
     def add(self, arrays: ArrayRecord, weight: float) -> None:
         """Add `weight` × `arrays`."""
-        for name, array in arrays.items():
-            self._add_values(name, values_of(array), weight)
+        values = {name: values_of(array) for name, array in arrays.items()}
+        kernels = compiled_kernels(sum(array.size for array in values.values()))
+        for name, array in values.items():
+            if kernels is not None and array.dtype in COMPILED_DTYPES:
+                self._add_compiled(kernels, name, array.reshape(1, *array.shape), [0], [weight])
+            else:
+                self._add_values(name, array, weight)
         self.weight += weight
         self.count += 1
 
@@ -102,11 +115,34 @@ class ArraySum:
         self, arrays: Mapping[str, np.ndarray], rows: Sequence[int], weights: Sequence[float]
     ) -> None:
         """Add `weights[j]` × row `rows[j]` of every stacked array ((clients, *shape) each)."""
+        size = sum(values[0].size for values in arrays.values() if len(values))
+        kernels = compiled_kernels(size * len(rows))
         for name, values in arrays.items():
+            if kernels is not None and values.dtype in COMPILED_DTYPES:
+                self._add_compiled(kernels, name, values, rows, weights)
+                continue
             for row, weight in zip(rows, weights, strict=True):
                 self._add_values(name, values[row], weight)
         self.weight += sum(weights)
         self.count += len(rows)
+
+    def _add_compiled(
+        self,
+        kernels: ModuleType,
+        name: str,
+        stack: np.ndarray,
+        rows: Sequence[int],
+        weights: Sequence[float],
+    ) -> None:
+        """`add_rows` for one array, in compiled loops: the same arithmetic in the same order."""
+        self._start(name, stack.shape[1:], stack.dtype)
+        kernels.accumulate_rows(
+            self.high[name].reshape(-1),
+            self.low[name].reshape(-1),
+            np.ascontiguousarray(stack).reshape(len(stack), -1),
+            np.asarray(rows, dtype=np.int64),
+            np.asarray(weights, dtype=np.float64),
+        )
 
     def _add_values(self, name: str, values: np.ndarray, weight: float) -> None:
         self._start(name, values.shape, values.dtype)

@@ -52,8 +52,38 @@ MODELS = {
         nn.GELU(),
         nn.Linear(8, 4),
     ),
+    # Convolutions with stride, dilation, "same" padding and groups, average and adaptive
+    # pooling, a convolution right after another: the merged (channels-last) path throughout.
+    "convs1d": lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2, padding=1),
+        nn.ELU(),
+        nn.AvgPool1d(2, ceil_mode=True),
+        nn.Conv1d(4, 4, 3, padding="same", dilation=2, groups=2),
+        nn.AdaptiveMaxPool1d(3),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    ),
+    "convs2d": lambda: nn.Sequential(
+        nn.Conv2d(2, 4, (3, 2), stride=(1, 2), padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(4, 3, 1),
+        nn.AdaptiveAvgPool2d((2, 1)),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    ),
+    # Ends in a convolution: the merged activations must come back as (K, B, C, L).
+    "ends_in_conv": lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Conv1d(3, 4, 2)),
 }
-SHAPES = {"mlp": (7,), "cnn1d": (2, 11), "cnn2d": (2, 6, 5), "activations": (3, 4)}
+SHAPES = {
+    "mlp": (7,),
+    "cnn1d": (2, 11),
+    "cnn2d": (2, 6, 5),
+    "activations": (3, 4),
+    "convs1d": (2, 11),
+    "convs2d": (2, 6, 5),
+    "ends_in_conv": (2, 11),
+}
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -74,7 +104,7 @@ def test_batched_forward_equals_each_clients_forward(kind, frozen):
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn1d", "convs2d"])
 def test_batched_step_gives_each_client_its_own_gradient_and_loss(kind):
     model = MODELS[kind]().double()
     forward, _ = batched_forward(model)

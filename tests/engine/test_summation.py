@@ -24,9 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedcl
+import fedcl.engine.replies as replies_module
 from fedcl.client.app import StackedArrays
 from fedcl.engine.flower_compat import set_server_identity
-from fedcl.engine.replies import ReplyLimits, screen_replies
+from fedcl.engine.replies import ReplyLimits, screen_replies, stacked_problems
 from fedcl.engine.summation import (
     ArraySum,
     average_metrics,
@@ -57,6 +58,16 @@ def _adversarial_round(count: int, seed: int) -> tuple[list[dict[str, np.ndarray
     return clients, weights
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def summing(request, monkeypatch):
+    """Runs a test twice: with numpy's passes, and with the compiled loops taking any size
+    (`fedcl.engine.sum_kernels`; they take models from `COMPILED_FROM` elements in a run)."""
+    monkeypatch.setattr(
+        replies_module, "COMPILED_FROM", 0 if request.param == "compiled" else 1 << 62
+    )
+    return request.param
+
+
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: array_of(values) for name, values in arrays.items()})
 
@@ -74,6 +85,7 @@ def _summed(clients, weights, groups: list[list[int]]) -> ArrayRecord:
     return total.mean()
 
 
+@pytest.mark.usefixtures("summing")
 def test_the_mean_has_the_same_bits_in_any_grouping_and_is_correctly_rounded():
     clients, weights = _adversarial_round(12, seed=0)
     groupings = [
@@ -94,6 +106,30 @@ def test_the_mean_has_the_same_bits_in_any_grouping_and_is_correctly_rounded():
         ]
         want = np.array([float(v) for v in exact]).astype(np.float32)
         np.testing.assert_array_equal(means[0][name].numpy(), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_loops_sum_to_numpys_bits(monkeypatch, dtype):
+    """A run sums small models with numpy and large ones with the compiled loops, and 1 or 2
+    actors split a round's clients into calls of different sizes: both must give the same bits,
+    whole replies and stacked rows alike, in any row order."""
+    clients, weights = _adversarial_round(12, seed=1)
+    clients = [{name: values.astype(dtype) for name, values in c.items()} for c in clients]
+    stack = {name: np.stack([c[name] for c in clients[1:]]) for name in clients[0]}
+    rows = [3, 0, 10, 7, 1, 2, 9, 4, 8, 5, 6]
+
+    def summed(threshold: int) -> ArraySum:
+        monkeypatch.setattr(replies_module, "COMPILED_FROM", threshold)
+        total = ArraySum()
+        total.add(_record(clients[0]), weights[0])
+        total.add_rows(stack, rows, [weights[1 + row] for row in rows])
+        return total
+
+    with_numpy, compiled = summed(1 << 62), summed(0)
+    for name in clients[0]:
+        assert compiled.high[name].tobytes() == with_numpy.high[name].tobytes()
+        assert compiled.low[name].tobytes() == with_numpy.low[name].tobytes()
+    assert (compiled.weight, compiled.count) == (with_numpy.weight, with_numpy.count)
 
 
 def test_a_plain_float64_sum_would_depend_on_the_grouping():
@@ -158,6 +194,7 @@ def test_a_strategy_aggregates_the_same_model_from_the_actors_sums(round_of_repl
     assert dict(got_metrics) == dict(want_metrics)
 
 
+@pytest.mark.usefixtures("summing")
 def test_replies_that_cannot_be_summed_reach_the_driver_whole(round_of_replies):
     requests, replies = round_of_replies
     plan = sum_plan(FedAvg())
@@ -182,6 +219,7 @@ def _stacked(replies: list[Message], rows: list[int]) -> StackedArrays:
     return StackedArrays(rows, arrays)
 
 
+@pytest.mark.usefixtures("summing")
 def test_stacked_replies_sum_to_the_same_bits_as_whole_replies(round_of_replies):
     requests, replies = round_of_replies
     plan = sum_plan(FedAvg())
@@ -195,6 +233,7 @@ def test_stacked_replies_sum_to_the_same_bits_as_whole_replies(round_of_replies)
         assert stacked.mean()[name].numpy().tobytes() == whole.mean()[name].numpy().tobytes()
 
 
+@pytest.mark.usefixtures("summing")
 def test_stacked_replies_that_fail_the_screen_reach_the_driver_whole(round_of_replies):
     requests, replies = round_of_replies
     plan = sum_plan(FedAvg())
@@ -216,6 +255,28 @@ def test_stacked_replies_that_fail_the_screen_reach_the_driver_whole(round_of_re
     assert "NaN" in screened.problems[0][1] and "update norm" in screened.problems[1][1]
     assert "arrays" not in out[3].content.array_records
     assert np.array_equal(group.arrays["w"][1], kept)
+
+
+@pytest.mark.usefixtures("summing")
+def test_the_stacked_screen_measures_each_rows_distance_from_the_global_model():
+    reference = {"w": np.full((40, 30), 2.0, np.float32), "b": np.full(30, -1.0, np.float32)}
+    norm = float(np.sqrt(sum(np.square(v, dtype=np.float64).sum() for v in reference.values())))
+    rng = np.random.default_rng(4)
+
+    def row_at(distance: float) -> dict[str, np.ndarray]:
+        step = {name: rng.standard_normal(v.shape) for name, v in reference.items()}
+        length = np.sqrt(sum(np.square(v).sum() for v in step.values()))
+        return {n: (reference[n] + step[n] * distance / length).astype(np.float32) for n in step}
+
+    rows = [row_at(0.45 * norm), row_at(0.55 * norm), row_at(0.1 * norm), row_at(0.0)]
+    rows[2]["w"][3, 4] = np.nan
+    rows[3]["b"][7] = np.inf
+    stack = {name: np.stack([row[name] for row in rows]) for name in reference}
+    problems = stacked_problems(stack, _record(reference), [ReplyLimits(max_update_norm=0.5)] * 4)
+    assert problems[0] is None
+    assert problems[1] == "update norm exceeds screen.max_update_norm"
+    assert problems[2] == "array 'w' contains NaN or infinity"
+    assert problems[3] == "array 'b' contains NaN or infinity"
 
 
 metric_values = st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-1000, 1000)
