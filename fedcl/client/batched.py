@@ -5,10 +5,10 @@ per-operation dispatch on every layer; for the small networks simulated clients 
 more than the arithmetic. Where a model is a chain of layers this module knows, `batched_forward`
 runs the same layers on stacked weights directly: a linear layer becomes one `baddbmm`, a
 convolution one grouped convolution over the clients, elementwise activations and pooling run
-unchanged on the stacked activations. Between convolutions the activations stay merged, the
-clients' channels side by side in one channels-last batch (`_Merged`): CPU pooling and grouped
-convolution are several times faster in that layout than on (K, B, C, ...) rows, which would be
-copied to the standard layout at every layer. Gradients come from ordinary autograd on the summed loss:
+unchanged on the stacked activations. After a convolution the activations stay merged, the
+clients' channels side by side in one channels-last batch (`_Merged`), until a layer needs the
+clients' rows again: CPU pooling (with indices, as autograd needs) and grouped convolution run
+several times faster in that layout. Gradients come from ordinary autograd on the summed loss:
 the clients' weights are separate tensors' rows that never meet, so each row's gradient is its
 own client's.
 

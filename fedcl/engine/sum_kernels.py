@@ -6,9 +6,9 @@ arithmetic, in the same order, element by element in registers: the same bits, a
 faster. The screen's squared distances get a loop of their own.
 
 The sum is compiled without fast-math: LLVM may then neither reassociate nor fuse the multiply
-and the add, either of which would break TwoSum. Compiled code is cached beside this module (`cache=True`), and the
-module is imported only for models large enough to gain (`summation.COMPILED_FROM`): numba's
-import and cache load cost a second of start-up per process.
+and the add, either of which would break TwoSum. Compiled code is cached beside this module
+(`cache=True`), and the module is imported only for calls large enough to gain
+(`replies.COMPILED_FROM`): numba's import and cache load cost most of a second per process.
 """
 
 from __future__ import annotations
