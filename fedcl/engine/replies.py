@@ -235,9 +235,8 @@ def stacked_problems(
             for row in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
                 problems[row] = problems[row] or f"array '{name}' contains NaN or infinity"
             continue
-        if kernels is not None and flat.dtype in COMPILED_DTYPES and want.dtype in COMPILED_DTYPES:
-            flat = np.ascontiguousarray(flat)
-            kernels.squared_distances(flat, np.ascontiguousarray(want).reshape(-1), distance)
+        if kernels is not None and flat.dtype in COMPILED_DTYPES and want.dtype == flat.dtype:
+            kernels.squared_distances(flat, want.reshape(-1), distance)
         else:
             delta = flat - want.reshape(1, -1)
             distance += np.einsum("ki,ki->k", delta, delta)

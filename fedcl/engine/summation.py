@@ -139,9 +139,9 @@ class ArraySum:
         kernels.accumulate_rows(
             self.high[name].reshape(-1),
             self.low[name].reshape(-1),
-            np.ascontiguousarray(stack).reshape(len(stack), -1),
-            np.asarray(rows, dtype=np.int64),
-            np.asarray(weights, dtype=np.float64),
+            stack.reshape(len(stack), -1),
+            rows,
+            weights,
         )
 
     def _add_values(self, name: str, values: np.ndarray, weight: float) -> None:
