@@ -12,6 +12,7 @@ is pure, so that it can run where replies are made (in the actors) as well as on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -44,13 +45,19 @@ COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the loops
 
 
 def compiled_kernels(elements: int) -> ModuleType | None:
-    """`fedcl.engine.sum_kernels` for a call on `elements` elements, if it pays and numba is
-    importable; else None (numpy). The loops take float32 and float64 arrays only."""
-    if elements < COMPILED_FROM:
-        return None
+    """`fedcl.engine.sum_kernels` for a call on `elements` elements, if it pays and the loops
+    could be built; else None (numpy). The loops take float32 and float64 arrays only."""
+    return _load_kernels() if elements >= COMPILED_FROM else None
+
+
+@functools.cache
+def _load_kernels() -> ModuleType | None:
+    """The compiled loops, or None (said once per process) where numba cannot build them: a
+    platform without numba, no writable cache folder. numpy then gives the same results."""
     try:
         from fedcl.engine import sum_kernels
-    except ImportError:  # a platform numba does not cover: numpy gives the same results
+    except Exception as exc:  # numba fails in many ways; the numpy passes remain
+        logger.warning("exact sums run on numpy, not compiled loops: %s", _first_line(str(exc)))
         return None
     return sum_kernels
 

@@ -4,6 +4,7 @@ strategies that average linearly are summed."""
 
 from __future__ import annotations
 
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -131,6 +132,23 @@ def test_compiled_loops_sum_to_numpys_bits(monkeypatch, dtype):
         assert compiled.high[name].tobytes() == with_numpy.high[name].tobytes()
         assert compiled.low[name].tobytes() == with_numpy.low[name].tobytes()
     assert (compiled.weight, compiled.count) == (with_numpy.weight, with_numpy.count)
+
+
+def test_without_the_compiled_loops_sums_run_on_numpy_and_say_so(monkeypatch, caplog):
+    import fedcl.engine
+
+    replies_module._load_kernels.cache_clear()
+    monkeypatch.delattr(fedcl.engine, "sum_kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "fedcl.engine.sum_kernels", None)  # importing it fails
+    try:
+        assert replies_module.compiled_kernels(1 << 40) is None
+        assert "exact sums run on numpy" in caplog.text
+        clients, weights = _adversarial_round(4, seed=2)
+        assert _summed(clients, weights, [[0, 1], [2, 3]])["w"].numpy().tobytes() == (
+            _summed(clients, weights, [[3, 2, 1, 0]])["w"].numpy().tobytes()
+        )
+    finally:
+        replies_module._load_kernels.cache_clear()
 
 
 def test_a_plain_float64_sum_would_depend_on_the_grouping():
