@@ -24,7 +24,7 @@ from fedcl.config import DEFAULT_APP
 from fedcl.engine.flower_compat import assign_message_id, error_reply, own_copy, partition_of
 from fedcl.engine.packing import pack, unpack
 from fedcl.engine.record_codec import encode_records
-from fedcl.engine.replies import limits_per_node
+from fedcl.engine.replies import compiled_kernels, limits_per_node
 from fedcl.engine.summation import ArraySum, SumPlan, sum_replies
 from fedcl.errors import FedclError
 from fedcl.imports import load_object
@@ -93,8 +93,11 @@ class ClientActor:
         self.run_config = _flat_scalars(config)
         self.contexts: dict[int, Context] = {}
 
-    def ready(self) -> bool:
-        """True once the actor is constructed (used to surface start-up errors early)."""
+    def ready(self, call_elements: int = 0) -> bool:
+        """True once the actor is constructed (used to surface start-up errors early). With
+        `call_elements`, about how many model elements one of its calls will sum, it loads the
+        compiled sums now if those calls will use them: set-up pays for numba, not round 1."""
+        compiled_kernels(call_elements)
         return True
 
     def context(self, node_id: int) -> Context:
@@ -260,6 +263,7 @@ class ActorFactory:
     num_classes: int
     run_id: int
     extension: ClientExtension | None = None
+    call_elements: int = 0  # about how many model elements one actor call sums (`ready`)
 
     @classmethod
     def create(
@@ -272,10 +276,11 @@ class ActorFactory:
         num_classes: int,
         run_id: int,
         extension: ClientExtension | None = None,
+        call_elements: int = 0,
     ) -> ActorFactory:
         """A factory whose actors share one object-store copy of `scenario` and the data."""
         refs = (ray.put(scenario), ray.put(x_train), ray.put(y_train))
-        return cls(config, refs, tuple(input_shape), num_classes, run_id, extension)
+        return cls(config, refs, tuple(input_shape), num_classes, run_id, extension, call_elements)
 
     def start(self, count: int) -> list[ray.actor.ActorHandle]:
         """Start `count` actors and wait until all are ready.
@@ -301,7 +306,7 @@ class ActorFactory:
         ]
         timeout = engine["start_timeout_s"]
         try:
-            ray.get([actor.ready.remote() for actor in actors], timeout=timeout)
+            ray.get([actor.ready.remote(self.call_elements) for actor in actors], timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             kill_actors(actors)
             raise FedclError(

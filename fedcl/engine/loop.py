@@ -43,7 +43,7 @@ from fedcl.engine.observers import (
 )
 from fedcl.engine.pool import init_ray, pool_size
 from fedcl.engine.recovery import ActorRecovery
-from fedcl.engine.replies import limits_per_node, screen_replies
+from fedcl.engine.replies import compiled_kernels, limits_per_node, screen_replies
 from fedcl.engine.summation import is_stub, sum_plan
 from fedcl.engine.vectorize import resolve_vectorize
 from fedcl.errors import StrategyError
@@ -174,7 +174,11 @@ def _simulate(
     container["engine"]["vectorize"] = vectorize
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
-    factory = actor_factory(container, dataset, scenario, run_id, extension)
+    model_size = sum(math.prod(array.shape) for array in arrays.values())
+    clients_per_actor = math.ceil(_clients_per_round(cfg, strategy) / num_actors)
+    call_elements = model_size * (clients_per_actor if vectorize == "on" else 1)
+    compiled_kernels(2 * model_size)  # the driver adds the actors' sums: two arrays each
+    factory = actor_factory(container, dataset, scenario, run_id, extension, call_elements)
     actors = factory.start(num_actors)
     recorder, grid = None, None
     try:
@@ -250,10 +254,12 @@ def actor_factory(
     scenario: Scenario,
     run_id: int,
     extension: ClientExtension | None = None,
+    call_elements: int = 0,
 ) -> ActorFactory:
     """What the run's client actors are started with: `config` (the resolved config as plain
     containers, `fedcl.config.to_container`), one object-store copy of the scenario and data,
-    and `extension`, the strategy's client half."""
+    `extension`, the strategy's client half, and `call_elements`, about how many model elements
+    one actor call sums (`ClientActor.ready`)."""
     return ActorFactory.create(
         config,
         scenario,
@@ -263,6 +269,7 @@ def actor_factory(
         dataset.num_classes,
         run_id,
         extension,
+        call_elements,
     )
 
 
