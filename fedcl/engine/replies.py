@@ -183,10 +183,16 @@ def _array_problem(content: RecordDict, reference: ArrayRecord, model_key: str) 
     return None
 
 
-def metric_problem(content: RecordDict, limits: ReplyLimits) -> str | None:
+def metric_problem(
+    content: RecordDict,
+    limits: ReplyLimits,
+    records: list[tuple[str, MetricRecord]] | None = None,
+) -> str | None:
     """`reply_problem`'s judgement of the metric records of a reply's `content`: finite metrics,
-    the weight and ``num-examples`` within `limits`; None if they pass."""
-    records = list(content.metric_records.items())  # a view built anew on every access
+    the weight and ``num-examples`` within `limits`; None if they pass. `records`: the content's
+    metric records, where the caller has them already."""
+    if records is None:
+        records = list(content.metric_records.items())  # a view built anew on every access
     for key, metrics in records:
         for name, value in metrics.items():
             if isinstance(value, int):

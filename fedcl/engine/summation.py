@@ -267,14 +267,17 @@ def _sum_group(
     for row, reply in enumerate(members):
         content = reply.content
         weight = None
-        if (
-            problems[row] is None
-            and not reply.has_error()
-            and not content.array_records
-            and len(content.metric_records) == 1
-            and metric_problem(content, node_limits[row]) is None
-        ):
-            weight = _weight(content, plan)
+        if problems[row] is None and not reply.has_error():
+            # One pass over the records: Flower's `metric_records` and `array_records` views
+            # are rebuilt, record by record, on every access.
+            records = list(content.items())
+            metrics = [(name, r) for name, r in records if isinstance(r, MetricRecord)]
+            if (
+                not any(isinstance(r, ArrayRecord) for _, r in records)
+                and len(metrics) == 1
+                and metric_problem(content, node_limits[row], metrics) is None
+            ):
+                weight = _weight_of(metrics[0][1], plan)
         if weight is None:
             arrays = {name: array_of(values[row].copy()) for name, values in group.arrays.items()}
             content[ARRAYS] = array_record_of(arrays)
@@ -302,7 +305,12 @@ def _summable(
 
 def _weight(content: RecordDict, plan: SumPlan) -> float | None:
     """The weight metric of a screened reply with one metric record, if it is a number."""
-    weight = next(iter(content.metric_records.values())).get(plan.weight_key)
+    return _weight_of(next(iter(content.metric_records.values())), plan)
+
+
+def _weight_of(metrics: MetricRecord, plan: SumPlan) -> float | None:
+    """The weight metric in `metrics`, if it is a number."""
+    weight = metrics.get(plan.weight_key)
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         return None
     return weight

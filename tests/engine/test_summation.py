@@ -298,6 +298,22 @@ def test_the_stacked_screen_measures_each_rows_distance_from_the_global_model():
     assert problems[3] == "array 'b' contains NaN or infinity"
 
 
+@pytest.mark.usefixtures("summing")
+def test_stacked_replies_carrying_other_arrays_reach_the_driver_whole(round_of_replies):
+    """A reply with arrays besides the stacked model (a strategy's train extra) is not summed:
+    its extra arrays reach the strategy, its model goes back under `arrays`."""
+    requests, replies = round_of_replies
+    plan = sum_plan(FedAvg())
+    model = replies[2].content["arrays"]["w"].numpy().copy()
+    group = _stacked(replies, [1, 2, 4])
+    replies[2].content["extra"] = _record({"fisher": np.ones(3, np.float32)})
+    out, total = sum_replies(requests, replies, plan, stacked=[group])
+    assert [is_stub(r) for r in out] == [True, True, False, True, True, True, True]
+    assert total.count == 6
+    assert np.array_equal(out[2].content["arrays"]["w"].numpy(), model)
+    assert np.array_equal(out[2].content["extra"]["fisher"].numpy(), np.ones(3, np.float32))
+
+
 metric_values = st.floats(-1e6, 1e6, allow_nan=False) | st.integers(-1000, 1000)
 
 
