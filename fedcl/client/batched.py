@@ -152,6 +152,7 @@ def batched_forward(model: nn.Module) -> tuple[BatchedForward | None, str | None
             return None, f"{node.op} {node.target} in the forward"
     if source is None or output is None or not steps:
         return None, "the model has no layers to run"
+    steps = _pool_before_relu(steps, {node.name: len(node.users) for node in graph.nodes})
 
     def forward(stacked: Tensors, shared: Tensors, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor | _Merged] = {source: x}
@@ -160,6 +161,27 @@ def batched_forward(model: nn.Module) -> tuple[BatchedForward | None, str | None
         return _stacked(values[output])
 
     return forward, None
+
+
+def _pool_before_relu(
+    steps: list[tuple[str, str, str, nn.Module]], users: dict[str, int]
+) -> list[tuple[str, str, str, nn.Module]]:
+    """`steps` with each ReLU that only feeds a max pooling run after it instead: the same
+    values and gradients (ReLU is monotone and keeps positive values, so the pooled maximum's
+    index is the same, and a window with no positive value passes no gradient either way), for
+    half the activations."""
+    out = list(steps)
+    for i in range(len(out) - 1):
+        relu, pool = out[i], out[i + 1]
+        if (
+            type(relu[3]) is nn.ReLU
+            and isinstance(pool[3], nn.MaxPool1d | nn.MaxPool2d)
+            and pool[1] == relu[0]
+            and users[relu[0]] == 1
+        ):
+            out[i] = (relu[0], relu[1], pool[2], pool[3])
+            out[i + 1] = (pool[0], relu[0], relu[2], relu[3])
+    return out
 
 
 def _unsupported(module: nn.Module) -> str | None:

@@ -56,7 +56,7 @@ MODELS = {
     # pooling, a convolution right after another: the merged (channels-last) path throughout.
     "convs1d": lambda: nn.Sequential(
         nn.Conv1d(2, 4, 3, stride=2, padding=1),
-        nn.ELU(),
+        nn.ReLU(),  # before an average pooling: must not move after it
         nn.AvgPool1d(2, ceil_mode=True),
         nn.Conv1d(4, 4, 3, padding="same", dilation=2, groups=2),
         nn.AdaptiveMaxPool1d(3),
@@ -73,7 +73,7 @@ MODELS = {
         nn.Linear(6, 4),
     ),
     # Ends in a convolution: the merged activations must come back as (K, B, C, L).
-    "ends_in_conv": lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Conv1d(3, 4, 2)),
+    "ends_in_conv": lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.ELU(), nn.Conv1d(3, 4, 2)),
 }
 SHAPES = {
     "mlp": (7,),
@@ -104,7 +104,7 @@ def test_batched_forward_equals_each_clients_forward(kind, frozen):
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn1d", "convs2d"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn1d", "convs1d", "convs2d"])
 def test_batched_step_gives_each_client_its_own_gradient_and_loss(kind):
     model = MODELS[kind]().double()
     forward, _ = batched_forward(model)
