@@ -174,10 +174,12 @@ def _simulate(
     container["engine"]["vectorize"] = vectorize
     run_id = derive_seed(cfg.seed, "run")
     set_server_identity(run_id)
-    model_size = sum(math.prod(array.shape) for array in arrays.values())
-    clients_per_actor = math.ceil(_clients_per_round(cfg, strategy) / num_actors)
-    call_elements = model_size * (clients_per_actor if vectorize == "on" else 1)
-    compiled_kernels(2 * model_size)  # the driver adds the actors' sums: two arrays each
+    call_elements = 0  # what one actor call sums: none, unless the actors sum the replies
+    if cfg.engine.sum_on_actors and sum_plan(strategy) is not None:
+        model_size = sum(math.prod(array.shape) for array in arrays.values())
+        clients_per_actor = math.ceil(_clients_per_round(cfg, strategy) / num_actors)
+        call_elements = model_size * (clients_per_actor if vectorize == "on" else 1)
+        compiled_kernels(2 * model_size)  # the driver adds the actors' sums: two arrays each
     factory = actor_factory(container, dataset, scenario, run_id, extension, call_elements)
     actors = factory.start(num_actors)
     recorder, grid = None, None

@@ -82,7 +82,7 @@ def _accumulate_rows(
     stack: np.ndarray,
     rows: np.ndarray,
     weights: np.ndarray,
-) -> None:  # pragma: no cover - compiled; its tests compare it with numpy's passes
+) -> None:
     """`accumulate_rows`, compiled."""
     size = high.shape[0]
     for j in range(rows.shape[0]):
@@ -105,9 +105,7 @@ def _accumulate_rows(
     nogil=True,
     fastmath={"reassoc", "contract"},
 )
-def _squared_distances(
-    stack: np.ndarray, reference: np.ndarray, out: np.ndarray
-) -> None:  # pragma: no cover - compiled; its tests compare it with numpy
+def _squared_distances(stack: np.ndarray, reference: np.ndarray, out: np.ndarray) -> None:
     """`squared_distances`, compiled."""
     for k in range(stack.shape[0]):
         total = 0.0
