@@ -105,7 +105,7 @@ class ArraySum:
         kernels = compiled_kernels(sum(array.size for array in values.values()))
         for name, array in values.items():
             if kernels is not None and array.dtype in COMPILED_DTYPES:
-                self._add_compiled(kernels, name, array.reshape(1, *array.shape), [0], [weight])
+                self._add_compiled(kernels, name, array[np.newaxis], [0], [weight])
             else:
                 self._add_values(name, array, weight)
         self.weight += weight
@@ -268,16 +268,13 @@ def _sum_group(
         content = reply.content
         weight = None
         if problems[row] is None and not reply.has_error():
-            # One pass over the records: Flower's `metric_records` and `array_records` views
-            # are rebuilt, record by record, on every access.
-            records = list(content.items())
-            metrics = [(name, r) for name, r in records if isinstance(r, MetricRecord)]
+            array_names, metrics = _records_of(content)
             if (
-                not any(isinstance(r, ArrayRecord) for _, r in records)
+                not array_names
                 and len(metrics) == 1
                 and metric_problem(content, node_limits[row], metrics) is None
             ):
-                weight = _weight_of(metrics[0][1], plan)
+                weight = _weight(metrics[0][1], plan)
         if weight is None:
             arrays = {name: array_of(values[row].copy()) for name, values in group.arrays.items()}
             content[ARRAYS] = array_record_of(arrays)
@@ -294,21 +291,25 @@ def _summable(
     """The reply's weight if it can be summed, else None."""
     if request.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return None
-    content = reply.content
-    if list(content.array_records) != [plan.array_key] or len(content.metric_records) != 1:
+    array_names, metrics = _records_of(reply.content)
+    if array_names != [plan.array_key] or len(metrics) != 1:
         return None
     reference = request.content.array_records.get(plan.array_key)
     if reference is None or reply_problem(reply, reference, plan.array_key, limits) is not None:
         return None
-    return _weight(content, plan)
+    return _weight(metrics[0][1], plan)
 
 
-def _weight(content: RecordDict, plan: SumPlan) -> float | None:
-    """The weight metric of a screened reply with one metric record, if it is a number."""
-    return _weight_of(next(iter(content.metric_records.values())), plan)
+def _records_of(content: RecordDict) -> tuple[list[str], list[tuple[str, MetricRecord]]]:
+    """The names of `content`'s ArrayRecords and its MetricRecords, in one pass: Flower's
+    `array_records` and `metric_records` views are rebuilt, record by record, on every access."""
+    records = list(content.items())
+    array_names = [name for name, record in records if isinstance(record, ArrayRecord)]
+    metrics = [(name, record) for name, record in records if isinstance(record, MetricRecord)]
+    return array_names, metrics
 
 
-def _weight_of(metrics: MetricRecord, plan: SumPlan) -> float | None:
+def _weight(metrics: MetricRecord, plan: SumPlan) -> float | None:
     """The weight metric in `metrics`, if it is a number."""
     weight = metrics.get(plan.weight_key)
     if isinstance(weight, bool) or not isinstance(weight, int | float):
