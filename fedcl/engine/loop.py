@@ -160,13 +160,14 @@ def _simulate(
         cfg.engine.num_cpus_per_actor, cfg.engine.num_gpus_per_actor, cfg.engine.num_actors
     )
 
+    clients_per_round = _clients_per_round(cfg, strategy)
     vectorize, vectorize_why = resolve_vectorize(
         cfg.engine.vectorize,
         model=new_model(),
         input_shape=dataset.input_shape,
         num_classes=dataset.num_classes,
         batch_size=cfg.train.batch_size,
-        clients_per_round=_clients_per_round(cfg, strategy),
+        clients_per_round=clients_per_round,
         client_app=cfg.client.app,
         device="cuda" if cfg.engine.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu",
         cache=cache_folder(cfg.dataset.cache_dir),
@@ -177,7 +178,7 @@ def _simulate(
     call_elements = 0  # what one actor call sums: none, unless the actors sum the replies
     if cfg.engine.sum_on_actors and sum_plan(strategy) is not None:
         model_size = sum(math.prod(array.shape) for array in arrays.values())
-        clients_per_actor = math.ceil(_clients_per_round(cfg, strategy) / num_actors)
+        clients_per_actor = math.ceil(clients_per_round / num_actors)
         call_elements = model_size * (clients_per_actor if vectorize == "on" else 1)
         compiled_kernels(2 * model_size)  # the driver adds the actors' sums: two arrays each
     factory = actor_factory(container, dataset, scenario, run_id, extension, call_elements)
