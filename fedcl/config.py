@@ -124,6 +124,11 @@ class EngineConfig:
     # FedAvg-family strategies: actors sum their clients' models and send one sum each
     # (exact, the same with any number of actors); false sends every client's model.
     sum_on_actors: bool = True
+    # Spread each round's clients evenly over the actors, moving a client (with its
+    # Context.state) from the busiest actor to the idlest: a round lasts as long as its busiest
+    # actor. false keeps each client on its first actor (for a ClientApp that keeps per-client
+    # state outside Context.state).
+    balance: bool = True
     timeout_s: float = 3600.0  # a round's replies are waited for this long
     start_timeout_s: float = 300.0  # actors must be placed and ready within this
     # A dead actor is replaced and its unanswered calls sent again, at most this many times;

@@ -52,8 +52,10 @@ class ClientActor:
     At start-up it installs the strategy's client half (`ClientExtension`): its query handlers
     answered beside the ClientApp, its train extras in the runtime the default ClientApp reads.
 
-    A node (virtual client) is always served by the same actor, so whatever its ClientApp keeps in
-    `Context.state` — counters, replay buffers, Fisher diagonals — stays here between rounds.
+    Whatever a node's ClientApp keeps in `Context.state` — counters, replay buffers, Fisher
+    diagonals — stays with the actor serving the node between rounds; when the grid moves the node
+    to another actor (`RayGrid`'s `balance`), the state goes along (`take_states`, then the other
+    actor's next call).
     """
 
     def __init__(
@@ -116,8 +118,9 @@ class ClientActor:
         return self.contexts[node_id]
 
     def handle(self, arguments: bytes, contents: dict[int, ray.ObjectRef]) -> bytes:
-        """Run the ClientApp on each (metadata, content key) of the packed (`pack`) `arguments`,
-        ``(batch, plan)``, in order; return, packed, an `ActorResult`: one reply per message
+        """Take over the nodes (each with its `Context.state`) of `arrivals` in the packed (`pack`)
+        `arguments`, ``(batch, plan, arrivals)``; then run the ClientApp on each (metadata,
+        content key) of `batch`, in order; return, packed, an `ActorResult`: one reply per message
         (with `plan`: and the sum of the train replies it could sum, which became stubs) and
         the process's peak memory.
 
@@ -125,7 +128,8 @@ class ClientActor:
         shared RecordDict to all sampled nodes); each message gets its own copy (`own_copy`: the
         array bytes are shared, never changed), so no handler leaks into the next.
         """
-        batch, plan = unpack(arguments)
+        batch, plan, arrivals = unpack(arguments)
+        self.import_states(arrivals)
         return pack(self.run_batch(batch, contents, plan))
 
     def run_batch(
@@ -218,6 +222,12 @@ class ClientActor:
         """`export_states` encoded as plain arrays (`fedcl.engine.record_codec`), here on the
         actor: the actors encode in parallel, and a checkpoint moves numpy buffers, not records."""
         return encode_records(self.export_states())
+
+    def take_states(self, node_ids: bytes) -> bytes:
+        """The `Context.state` of each of the packed (`pack`) `node_ids` that has a context here,
+        as a packed {node: state}; this actor then forgets them: the nodes move to another."""
+        taken = (self.contexts.pop(int(node_id), None) for node_id in unpack(node_ids))
+        return pack({ctx.node_id: ctx.state for ctx in taken if ctx is not None})
 
     def import_states(self, states: Mapping[int, RecordDict]) -> None:
         """Make `states[node]` the `Context.state` of each node (a resume from a checkpoint);

@@ -1,9 +1,12 @@
 """`RayGrid`: a Flower `Grid` whose nodes are virtual clients served by a pool of Ray actors.
 
 Stock Flower strategies talk to it exactly as to Flower's own grids (they only call `get_node_ids`
-and `send_and_receive`). Placement is sticky: node k always runs on actor k mod A, so client state
-stays on its actor. Each distinct message content is put in the object store once per push, and each
-actor gets one call per push with all of its messages. With a `SumPlan` (FedAvg-family strategies)
+and `send_and_receive`). A node starts on actor (its partition id) mod A, and its `Context` stays
+on the actor that serves it. With `balance`, a push whose messages fall unevenly on the actors moves
+nodes, each with its `Context.state`, from the busiest actors to the idlest until no actor has
+more than one message over another: a round lasts as long as its busiest actor. Each distinct
+message content is put in the object store once per push, and each actor gets one call per push
+with all of its messages. With a `SumPlan` (FedAvg-family strategies)
 the actors sum their clients' models and send back one sum each (`fedcl.engine.summation`).
 
 With an `ActorRecovery`, a dead actor is replaced, its nodes move to the replacement with their
@@ -57,18 +60,20 @@ class _Call:
     batch: list[tuple[Any, int]]
     contents: dict[int, ray.ObjectRef]  # each a pickled RecordDict (`pack`)
     plan: SumPlan | None
+    arrivals: dict[int, RecordDict]  # node -> state, for nodes moved here by this push
     message_ids: list[str]
     node_ids: np.ndarray
     rounds: np.ndarray  # the server round of each message (UNKNOWN_ROUND: none named)
     trains: np.ndarray  # bool: train messages
     attempt: int = 0  # how often it has been sent again
     sent_bytes: int = 0  # what one sending of it moves: its contents and inline arguments
-    arguments: bytes = b""  # (batch, plan), pickled (`pack`)
+    arguments: bytes = b""  # (batch, plan, arrivals), pickled (`pack`)
 
 
 class RayGrid(Grid):
     """A Flower Grid over `actors`, serving the virtual clients `node_ids`; with `recovery`, dead
-    actors are replaced (in `actors`, in place) and their calls retried."""
+    actors are replaced (in `actors`, in place) and their calls retried; with `balance`, each
+    push's messages are spread evenly over the actors (module docstring)."""
 
     def __init__(
         self,
@@ -77,12 +82,16 @@ class RayGrid(Grid):
         run: Run,
         *,
         recovery: ActorRecovery | None = None,
+        balance: bool = False,
     ):
         if not actors:
             raise ValueError("RayGrid needs at least one actor")
         self.actors = list(actors)
         self.node_ids = np.unique(np.asarray(node_ids, dtype=np.int64))  # sorted
         self.recovery = recovery
+        self.balance = balance
+        # The actor serving each of `node_ids` (same order); `balance` changes it.
+        self._placement = (partition_of(self.node_ids) % len(self.actors)).astype(np.int32)
         self._run = run
         self._requests: dict[str, Message] = {}  # message id -> message, until its reply is pulled
         self._in_flight: dict[ray.ObjectRef, _Call] = {}  # actor call -> what it carries
@@ -91,6 +100,7 @@ class RayGrid(Grid):
         self._timed_out: list[int] = []  # nodes whose messages timed out, until taken
         self._sums: list[ArraySum] = []  # the actors' sums of summed replies, until taken
         self._traffic = [0, 0]  # bytes sent to and received from the actors, until taken
+        self._loads = np.zeros(len(self.actors), np.int64)  # messages per actor, until taken
         # Each actor slot's peak resident memory (bytes), as its latest reply reported it.
         self.actor_peak_rss = [0] * len(self.actors)
         self._available = self.node_ids
@@ -132,24 +142,28 @@ class RayGrid(Grid):
             raise ValueError(f"unknown node ids {unknown[:3].tolist()}")
 
     def actor_of(self, node_id: int) -> int:
-        """Index of the actor that serves node `node_id` (always the same one)."""
-        return partition_of(node_id) % len(self.actors)
+        """Index of the actor that serves node `node_id` now (and holds its `Context`)."""
+        return int(self._placement[np.searchsorted(self.node_ids, node_id)])
 
     def push_messages(
         self, messages: Iterable[Message], *, plan: SumPlan | None = None
     ) -> list[str]:
         """Dispatch `messages` to their nodes' actors; return their new message ids. With `plan`,
         each actor sums the train replies it can (`take_sums`) and replies with stubs."""
-        calls: dict[int, _Call] = {}
+        messages = list(messages)
+        destinations = np.fromiter(
+            (m.metadata.dst_node_id for m in messages), np.int64, len(messages)
+        )
+        self._check_known(np.unique(destinations))
+        actors = self._placement[np.searchsorted(self.node_ids, destinations)]
+        # Only between calls: a node's state is taken from an idle actor (not one whose
+        # earlier, perhaps timed-out, call still runs).
+        moving = self._start_moves(destinations, actors) if self.balance else {}
         contents: dict[int, ray.ObjectRef] = {}
         sizes: dict[int, int] = {}  # content key -> bytes of its pickled form
         rounds: dict[int, int] = {}  # content key -> its server round
-        per_actor: dict[int, tuple[list[int], list[int], list[bool]]] = {}  # nodes, rounds, trains
-        message_ids = []
-        messages = list(messages)
-        self._check_known(np.unique([m.metadata.dst_node_id for m in messages]).astype(np.int64))
+        keys, message_ids = [], []
         for message in messages:
-            node_id = message.metadata.dst_node_id
             message_id = assign_message_id(message)
             message_ids.append(message_id)
             self._requests[message_id] = message
@@ -159,21 +173,30 @@ class RayGrid(Grid):
                 contents[key] = ray.put(packed)
                 sizes[key] = len(packed)
                 rounds[key] = round_of(message.content)
-            actor = self.actor_of(node_id)
+            keys.append(key)
+        arrivals = self._finish_moves(moving, destinations, actors)
+        self._loads += np.bincount(actors, minlength=len(self.actors))
+        calls: dict[int, _Call] = {}
+        per_actor: dict[int, tuple[list[int], list[int], list[bool]]] = {}  # nodes, rounds, trains
+        for message, message_id, key, actor in zip(
+            messages, message_ids, keys, actors.tolist(), strict=True
+        ):
             if actor not in calls:
-                calls[actor] = _Call(actor, self.actors[actor], [], {}, plan, [], *_EMPTY)
+                calls[actor] = _Call(
+                    actor, self.actors[actor], [], {}, plan, arrivals.get(actor, {}), [], *_EMPTY
+                )
                 per_actor[actor] = ([], [], [])
             call = calls[actor]
             call.batch.append((message.metadata, key))
             call.contents[key] = contents[key]
             call.message_ids.append(message_id)
             nodes, call_rounds, trains = per_actor[actor]
-            nodes.append(node_id)
+            nodes.append(message.metadata.dst_node_id)
             call_rounds.append(rounds[key])
             trains.append(message.metadata.message_type == MessageType.TRAIN)
         for actor, call in calls.items():
             nodes, call_rounds, trains = per_actor[actor]
-            call.arguments = pack((call.batch, call.plan))
+            call.arguments = pack((call.batch, call.plan, call.arrivals))
             call.sent_bytes = sum(sizes[key] for key in call.contents) + len(call.arguments)
             call.node_ids = np.asarray(nodes, dtype=np.int64)
             call.rounds = np.asarray(call_rounds, dtype=np.int64)
@@ -240,9 +263,57 @@ class RayGrid(Grid):
 
     def nodes_of(self, actor: int) -> np.ndarray:
         """The node ids actor `actor` serves, ascending."""
-        return self.node_ids[partition_of(self.node_ids) % len(self.actors) == actor]
+        return self.node_ids[self._placement == actor]
 
     # --- internals ---------------------------------------------------------------------------
+    def _start_moves(
+        self, destinations: np.ndarray, actors: np.ndarray
+    ) -> dict[int, tuple[ray.ObjectRef, dict[int, int]]]:
+        """Ask the busiest actors for the states of the nodes `balanced_moves` moves away:
+        source actor -> (its `take_states` call, {node: destination actor}). Nothing while
+        calls are in flight."""
+        if self._in_flight or len(self.actors) < 2:
+            return {}
+        per_source: dict[int, dict[int, int]] = {}
+        for node, destination in balanced_moves(destinations, actors, len(self.actors)).items():
+            source = int(actors[np.argmax(destinations == node)])
+            per_source.setdefault(source, {})[node] = destination
+        moving = {}
+        for source, moves in per_source.items():
+            request = pack(list(moves))
+            self._traffic[0] += len(request)
+            moving[source] = (self.actors[source].take_states.remote(request), moves)
+        return moving
+
+    def _finish_moves(
+        self,
+        moving: dict[int, tuple[ray.ObjectRef, dict[int, int]]],
+        destinations: np.ndarray,
+        actors: np.ndarray,
+    ) -> dict[int, dict[int, RecordDict]]:
+        """Complete `_start_moves`: each moved node's messages go to its new actor (`actors`,
+        changed in place) with its state: destination actor -> {node: state}. A source that
+        cannot give its states (it died) keeps its nodes, and its call meets the recovery."""
+        arrivals: dict[int, dict[int, RecordDict]] = {}
+        for ref, moves in moving.values():
+            try:
+                packed = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+            self._traffic[1] += len(packed)
+            states = unpack(packed)
+            for node, destination in moves.items():
+                self._placement[np.searchsorted(self.node_ids, node)] = destination
+                actors[destinations == node] = destination
+                if node in states:  # a node that never ran has no context to move
+                    arrivals.setdefault(destination, {})[node] = states[node]
+        return arrivals
+
+    def take_loads(self) -> list[int]:
+        """How many messages each actor was sent since the last call (its load)."""
+        loads, self._loads = self._loads.tolist(), np.zeros(len(self.actors), np.int64)
+        return loads
+
     def _submit(self, call: _Call) -> None:
         ref = call.handle.handle.remote(call.arguments, call.contents)
         self._in_flight[ref] = call
@@ -325,6 +396,33 @@ class RayGrid(Grid):
 
 
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+
+
+def balanced_moves(nodes: np.ndarray, actors: np.ndarray, num_actors: int) -> dict[int, int]:
+    """Which nodes to move to which actor ({node: actor}) so that no actor gets more than one
+    message over another: message i goes to node `nodes[i]`, now served by `actors[i]`. A node
+    moves with all its messages; the fewest messages move, and of an actor's nodes those with the
+    highest ids go first (the same push always gives the same moves)."""
+    unique, first, counts = np.unique(nodes, return_index=True, return_counts=True)
+    owners = actors[first]
+    loads = np.bincount(actors, minlength=num_actors)
+    base, extra = divmod(int(loads.sum()), num_actors)
+    targets = np.full(num_actors, base)
+    targets[np.argsort(-loads, kind="stable")[:extra]] += 1  # the busiest keep the remainder
+    surplus = loads - targets
+    moves: dict[int, int] = {}
+    for source in np.flatnonzero(surplus > 0):
+        mine = np.flatnonzero(owners == source)[::-1]
+        for node, count in zip(unique[mine].tolist(), counts[mine].tolist(), strict=True):
+            if surplus[source] <= 0:
+                break
+            destination = int(np.argmin(surplus))
+            if count > surplus[source] or count > -surplus[destination]:
+                continue
+            moves[node] = destination
+            surplus[source] -= count
+            surplus[destination] += count
+    return moves
 
 
 def round_of(content: RecordDict) -> int:

@@ -194,7 +194,9 @@ def _simulate(
             run_dir=recorder.out_dir,
             starts_after=resume.server_round if resume is not None else 0,
         )
-        grid = RayGrid(actors, node_ids, make_run(run_id), recovery=recovery)
+        grid = RayGrid(
+            actors, node_ids, make_run(run_id), recovery=recovery, balance=cfg.engine.balance
+        )
         evaluator = TaskEvaluator(dataset, scenario, eval_model, cfg.eval.batch_size)
         observers: list[RoundObserver] = [
             RecorderObserver(recorder),

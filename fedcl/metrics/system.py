@@ -22,9 +22,15 @@ from typing import Any
 
 MB = 1024 * 1024
 # What a metrics.jsonl line and summary.json measure of the machine rather than of the learning:
-# they differ between runs of the same seed (memory always; bytes with the number of actors, and
-# in the first round after a resume), so comparisons of runs leave them out.
-MEASURED_RECORD_KEYS = ("bytes_sent", "bytes_received", "peak_rss_driver_mb", "peak_rss_actors_mb")
+# they differ between runs of the same seed (memory always; bytes and messages per actor with the
+# number of actors, bytes in the first round after a resume), so comparisons of runs leave them out.
+MEASURED_RECORD_KEYS = (
+    "bytes_sent",
+    "bytes_received",
+    "peak_rss_driver_mb",
+    "peak_rss_actors_mb",
+    "messages_per_actor",
+)
 MEASURED_SUMMARY_KEYS = (
     "bytes_sent",
     "bytes_received",
@@ -59,9 +65,11 @@ def system_record(grid: Any) -> dict[str, Any]:
     """A round's system figures for metrics.jsonl, from a grid with `take_traffic` and
     `actor_peak_rss` (`fedcl.engine.grid.RayGrid`): ``bytes_sent`` and ``bytes_received`` since
     the last call, ``peak_rss_driver_mb`` and ``peak_rss_actors_mb`` (one per actor slot, as its
-    latest reply reported it; 0 before its first)."""
+    latest reply reported it; 0 before its first) and ``messages_per_actor`` (how many messages
+    each actor was sent: with `engine.balance`, no actor more than one over another per push)."""
     sent, received = grid.take_traffic()
     return {
+        "messages_per_actor": grid.take_loads(),
         "bytes_sent": sent,
         "bytes_received": received,
         "peak_rss_driver_mb": peak_rss_bytes() / MB,

@@ -29,7 +29,8 @@ ROUNDS, EVERY = 7, 3
 OVERRIDES = [
     f"rounds={ROUNDS}",
     "scenario.num_tasks=3",
-    "clients.num=3",
+    "clients.num=4",
+    "strategy.fraction_train=0.5",  # 2 of 4: some rounds sample 2 of one actor's clients
     "clients.partition=iid",
     "model.hidden=[16]",
     "train.epochs=1",
@@ -46,11 +47,12 @@ class _Spy:
     in the object store, and the call's arguments and result pickled again from their objects."""
 
     def __init__(self) -> None:
-        self.sent = self.received = 0
+        self.sent = self.received = self.moves = 0
         self.rounds: list[tuple[tuple[int, int], tuple[int, int]]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         submit, deliver, take = RayGrid._submit, RayGrid._deliver, RayGrid.take_traffic
+        finish_moves = RayGrid._finish_moves
         spy = self
 
         def spy_submit(grid, call):
@@ -58,12 +60,19 @@ class _Spy:
                 stored = ray.get(ref)
                 assert isinstance(unpack(stored), RecordDict)
                 spy.sent += len(stored)
-            spy.sent += len(pack((call.batch, call.plan)))
+            spy.sent += len(pack((call.batch, call.plan, call.arrivals)))
             return submit(grid, call)
 
         def spy_deliver(grid, call, result):
             spy.received += len(pack(result))
             return deliver(grid, call, result)
+
+        def spy_finish_moves(grid, moving, *args):
+            for ref, moves in moving.values():  # a moved client's state: up, then down
+                spy.sent += len(pack(list(moves)))
+                spy.received += len(ray.get(ref))
+                spy.moves += len(moves)
+            return finish_moves(grid, moving, *args)
 
         def spy_take(grid):
             counted = take(grid)
@@ -74,6 +83,7 @@ class _Spy:
         monkeypatch.setattr(RayGrid, "_submit", spy_submit)
         monkeypatch.setattr(RayGrid, "_deliver", spy_deliver)
         monkeypatch.setattr(RayGrid, "take_traffic", spy_take)
+        monkeypatch.setattr(RayGrid, "_finish_moves", spy_finish_moves)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +145,7 @@ def test_bytes_per_round_equal_the_serialized_messages_that_crossed(run):
     for record, (counted, crossed) in zip(records, spy.rounds, strict=True):
         assert (record["bytes_sent"], record["bytes_received"]) == counted == crossed
         assert record["bytes_sent"] > 0 and record["bytes_received"] > 0
+    assert spy.moves > 0  # clients moved between actors (`engine.balance`), counted too
     assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in records)
     assert summary["bytes_received_per_round"] == pytest.approx(
         sum(r["bytes_received"] for r in records) / ROUNDS
