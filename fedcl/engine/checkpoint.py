@@ -419,10 +419,7 @@ def restore(point: ResumePoint, strategy: Any, grid: RayGrid) -> Restored | None
             f"builds {cls.__module__}:{cls.__qualname__}"
         )
     load_strategy_state(strategy, checkpoint.strategy_state())
-    per_actor: dict[int, dict[int, RecordDict]] = {}
-    for node_id, state in checkpoint.client_states().items():
-        per_actor.setdefault(grid.actor_of(node_id), {})[node_id] = state
-    ray.get([grid.actors[a].import_states.remote(states) for a, states in per_actor.items()])
+    grid.import_states(checkpoint.client_states())
     return Restored(
         checkpoint.server_round,
         checkpoint.arrays(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -260,6 +260,17 @@ class RayGrid(Grid):
     def take_replacements(self) -> list[dict[str, Any]]:
         """A report of each actor replaced since the last call (`ActorRecovery.replace`)."""
         return self.recovery.take_reports() if self.recovery is not None else []
+
+    def import_states(self, states: Mapping[int, RecordDict]) -> None:
+        """Make `states[node]` the `Context.state` of each node, on the actor that serves it (a
+        resume from a checkpoint); the other nodes keep theirs."""
+        nodes = np.fromiter(states, np.int64, len(states))
+        self._check_known(np.unique(nodes))
+        actors = self._placement[np.searchsorted(self.node_ids, nodes)]
+        per_actor: dict[int, dict[int, RecordDict]] = {}
+        for node, actor in zip(nodes.tolist(), actors.tolist(), strict=True):
+            per_actor.setdefault(actor, {})[node] = states[node]
+        ray.get([self.actors[a].import_states.remote(s) for a, s in per_actor.items()])
 
     def nodes_of(self, actor: int) -> np.ndarray:
         """The node ids actor `actor` serves, ascending."""

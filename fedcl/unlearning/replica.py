@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 from flwr.app import ArrayRecord, RecordDict
 from omegaconf import DictConfig
 
@@ -149,8 +148,4 @@ def set_client_states(grid: RayGrid, states: dict[int, RecordDict]) -> None:
     """Make `states` every node's `Context.state` in `grid`'s actors: a node without an entry
     gets an empty state (whatever it held is from another history)."""
     held = decode_records(client_states(grid))
-    per_actor: dict[int, dict[int, RecordDict]] = {}
-    for node_id in set(held) | set(states):
-        state = states.get(node_id, RecordDict())
-        per_actor.setdefault(grid.actor_of(node_id), {})[node_id] = state
-    ray.get([grid.actors[a].import_states.remote(s) for a, s in per_actor.items()])
+    grid.import_states({node: states.get(node, RecordDict()) for node in set(held) | set(states)})
