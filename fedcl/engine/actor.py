@@ -37,13 +37,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActorResult:
-    """What one `ClientActor.handle` call returns: a reply per message, in order, the sum of the
-    replies summed on the actor (None: nothing was to be summed), and the actor process's peak
-    resident memory so far (bytes; reported with every call, so measuring it costs no call)."""
+    """What one `ClientActor.handle` call returns: a reply per message run, in order, the sum of
+    the replies summed on the actor (None: nothing was to be summed), the actor process's peak
+    resident memory so far (bytes; reported with every call, so measuring it costs no call), the
+    positions of the call's messages not run because their nodes' states did not arrive from the
+    actor they moved from, and the bytes of the states that did."""
 
     replies: list[Message]
     total: ArraySum | None
     peak_rss: int
+    unrun: list[int] = dataclasses.field(default_factory=list)
+    arrived_bytes: int = 0
 
 
 class ClientActor:
@@ -117,10 +121,17 @@ class ClientActor:
             )
         return self.contexts[node_id]
 
-    def handle(self, arguments: bytes, contents: dict[int, ray.ObjectRef]) -> bytes:
-        """Take over the nodes (each with its `Context.state`) of `arrivals` in the packed (`pack`)
-        `arguments`, ``(batch, plan, arrivals)``; then run the ClientApp on each (metadata,
-        content key) of `batch`, in order; return, packed, an `ActorResult`: one reply per message
+    def handle(
+        self,
+        arguments: bytes,
+        contents: dict[int, ray.ObjectRef],
+        arrivals: dict[int, ray.ObjectRef] | None = None,
+    ) -> bytes:
+        """Take over the nodes of ``arriving`` ({node: actor it moves from}), each with its
+        `Context.state` from that actor's `take_states` result in `arrivals`; then run the
+        ClientApp on each (metadata, content key) of ``batch``, in order, but for the messages of
+        nodes whose states did not arrive (`ActorResult.unrun`). The packed (`pack`) `arguments`
+        are ``(batch, plan, arriving)``. Return, packed, an `ActorResult`: one reply per message
         (with `plan`: and the sum of the train replies it could sum, which became stubs) and
         the process's peak memory.
 
@@ -128,9 +139,31 @@ class ClientActor:
         shared RecordDict to all sampled nodes); each message gets its own copy (`own_copy`: the
         array bytes are shared, never changed), so no handler leaks into the next.
         """
-        batch, plan, arrivals = unpack(arguments)
-        self.import_states(arrivals)
-        return pack(self.run_batch(batch, contents, plan))
+        batch, plan, arriving = unpack(arguments)
+        lost, arrived_bytes = self._take_over(arriving, arrivals or {})
+        unrun = [i for i, (metadata, _) in enumerate(batch) if metadata.dst_node_id in lost]
+        if unrun:
+            batch = [entry for entry in batch if entry[0].dst_node_id not in lost]
+        result = self.run_batch(batch, contents, plan) if batch else ActorResult([], None, 0)
+        return pack(dataclasses.replace(result, unrun=unrun, arrived_bytes=arrived_bytes))
+
+    def _take_over(
+        self, arriving: dict[int, int], arrivals: dict[int, ray.ObjectRef]
+    ) -> tuple[set[int], int]:
+        """Import the states of the nodes `arriving` from the other actors' `take_states`
+        results (`arrivals`, by actor); return the nodes whose states could not be had (their
+        actor died before handing them over) and the bytes of those that arrived."""
+        lost: set[int] = set()
+        arrived_bytes = 0
+        for source, ref in arrivals.items():
+            try:
+                packed = ray.get(ref)
+            except ray.exceptions.RayError:
+                lost.update(node for node, s in arriving.items() if s == source)
+                continue
+            arrived_bytes += len(packed)
+            self.import_states(unpack(packed))
+        return lost, arrived_bytes
 
     def run_batch(
         self,

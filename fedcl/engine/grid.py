@@ -1,13 +1,17 @@
 """`RayGrid`: a Flower `Grid` whose nodes are virtual clients served by a pool of Ray actors.
 
 Stock Flower strategies talk to it exactly as to Flower's own grids (they only call `get_node_ids`
-and `send_and_receive`). A node starts on actor (its partition id) mod A, and its `Context` stays
-on the actor that serves it. With `balance`, a push whose messages fall unevenly on the actors moves
-nodes, each with its `Context.state`, from the busiest actors to the idlest until no actor has
-more than one message over another: a round lasts as long as its busiest actor. Each distinct
-message content is put in the object store once per push, and each actor gets one call per push
-with all of its messages. With a `SumPlan` (FedAvg-family strategies)
-the actors sum their clients' models and send back one sum each (`fedcl.engine.summation`).
+and `send_and_receive`). Each distinct message content is put in the object store once per push,
+and each actor gets one call per push with all of its messages. With a `SumPlan` (FedAvg-family
+strategies) the actors sum their clients' models and send back one sum each
+(`fedcl.engine.summation`).
+
+A node starts on actor (its partition id) mod A; its `Context` stays on the actor that serves it.
+With `balance`, a push whose messages fall unevenly on the actors moves nodes, each with its
+`Context.state`, from the busiest actors to the idlest until no actor has more than one message
+over another: a round lasts as long as its busiest actor. The busy actor hands the states over
+(`take_states`) while the idle one's call is on its way, which fetches them itself; should the
+busy one die first, those messages go back to it, and so to the recovery.
 
 With an `ActorRecovery`, a dead actor is replaced, its nodes move to the replacement with their
 state, and its unanswered calls are sent again, at most `max_retries` times; after that, their
@@ -51,6 +55,10 @@ ACTOR_LOST: tuple[type[Exception], ...] = (
 )
 
 
+def _no_messages() -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+
 @dataclass
 class _Call:
     """One actor call in flight, with what it carries, so that it can be sent again."""
@@ -60,14 +68,18 @@ class _Call:
     batch: list[tuple[Any, int]]
     contents: dict[int, ray.ObjectRef]  # each a pickled RecordDict (`pack`)
     plan: SumPlan | None
-    arrivals: dict[int, RecordDict]  # node -> state, for nodes moved here by this push
+    arriving: dict[int, int]  # node -> the actor it moves from in this push
+    arrivals: dict[int, ray.ObjectRef]  # that actor -> its `take_states` result
+    content_bytes: dict[int, int]  # content key -> bytes of its pickled form
     message_ids: list[str]
-    node_ids: np.ndarray
-    rounds: np.ndarray  # the server round of each message (UNKNOWN_ROUND: none named)
-    trains: np.ndarray  # bool: train messages
+    # Set by `RayGrid._send`: each message's node, server round (UNKNOWN_ROUND: none named),
+    # and whether it is a train message.
+    node_ids: np.ndarray = dataclasses.field(default_factory=_no_messages)
+    rounds: np.ndarray = dataclasses.field(default_factory=_no_messages)
+    trains: np.ndarray = dataclasses.field(default_factory=_no_messages)
     attempt: int = 0  # how often it has been sent again
     sent_bytes: int = 0  # what one sending of it moves: its contents and inline arguments
-    arguments: bytes = b""  # (batch, plan, arrivals), pickled (`pack`)
+    arguments: bytes = b""  # (batch, plan, arriving), pickled (`pack`)
 
 
 class RayGrid(Grid):
@@ -156,8 +168,6 @@ class RayGrid(Grid):
         )
         self._check_known(np.unique(destinations))
         actors = self._placement[np.searchsorted(self.node_ids, destinations)]
-        # Only between calls: a node's state is taken from an idle actor (not one whose
-        # earlier, perhaps timed-out, call still runs).
         moving = self._start_moves(destinations, actors) if self.balance else {}
         contents: dict[int, ray.ObjectRef] = {}
         sizes: dict[int, int] = {}  # content key -> bytes of its pickled form
@@ -174,34 +184,23 @@ class RayGrid(Grid):
                 sizes[key] = len(packed)
                 rounds[key] = round_of(message.content)
             keys.append(key)
-        arrivals = self._finish_moves(moving, destinations, actors)
-        self._loads += np.bincount(actors, minlength=len(self.actors))
         calls: dict[int, _Call] = {}
-        per_actor: dict[int, tuple[list[int], list[int], list[bool]]] = {}  # nodes, rounds, trains
         for message, message_id, key, actor in zip(
             messages, message_ids, keys, actors.tolist(), strict=True
         ):
             if actor not in calls:
-                calls[actor] = _Call(
-                    actor, self.actors[actor], [], {}, plan, arrivals.get(actor, {}), [], *_EMPTY
-                )
-                per_actor[actor] = ([], [], [])
+                calls[actor] = _Call(actor, self.actors[actor], [], {}, plan, {}, {}, {}, [])
             call = calls[actor]
             call.batch.append((message.metadata, key))
             call.contents[key] = contents[key]
+            call.content_bytes[key] = sizes[key]
             call.message_ids.append(message_id)
-            nodes, call_rounds, trains = per_actor[actor]
-            nodes.append(message.metadata.dst_node_id)
-            call_rounds.append(rounds[key])
-            trains.append(message.metadata.message_type == MessageType.TRAIN)
-        for actor, call in calls.items():
-            nodes, call_rounds, trains = per_actor[actor]
-            call.arguments = pack((call.batch, call.plan, call.arrivals))
-            call.sent_bytes = sum(sizes[key] for key in call.contents) + len(call.arguments)
-            call.node_ids = np.asarray(nodes, dtype=np.int64)
-            call.rounds = np.asarray(call_rounds, dtype=np.int64)
-            call.trains = np.asarray(trains, dtype=bool)
-            self._submit(call)
+        for source, (ref, moves) in moving.items():
+            for node, destination in moves.items():
+                calls[destination].arriving[node] = source
+                calls[destination].arrivals[source] = ref
+        for call in calls.values():
+            self._send(call, [rounds[key] for _, key in call.batch])
         return message_ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
@@ -261,6 +260,11 @@ class RayGrid(Grid):
         """A report of each actor replaced since the last call (`ActorRecovery.replace`)."""
         return self.recovery.take_reports() if self.recovery is not None else []
 
+    def take_loads(self) -> list[int]:
+        """How many messages each actor was sent since the last call (its load)."""
+        loads, self._loads = self._loads.tolist(), np.zeros(len(self.actors), np.int64)
+        return loads
+
     def import_states(self, states: Mapping[int, RecordDict]) -> None:
         """Make `states[node]` the `Context.state` of each node, on the actor that serves it (a
         resume from a checkpoint); the other nodes keep theirs."""
@@ -280,53 +284,73 @@ class RayGrid(Grid):
     def _start_moves(
         self, destinations: np.ndarray, actors: np.ndarray
     ) -> dict[int, tuple[ray.ObjectRef, dict[int, int]]]:
-        """Ask the busiest actors for the states of the nodes `balanced_moves` moves away:
-        source actor -> (its `take_states` call, {node: destination actor}). Nothing while
-        calls are in flight."""
+        """Move the nodes `balanced_moves` picks: in `actors` (changed in place) and the
+        placement; ask each source actor for their states (`take_states`). Return source actor
+        -> (that call, {node: destination actor}). Nothing while calls are in flight: states
+        are taken from idle actors, not from one whose earlier (perhaps timed-out) call runs."""
         if self._in_flight or len(self.actors) < 2:
             return {}
-        per_source: dict[int, dict[int, int]] = {}
+        moving: dict[int, tuple[ray.ObjectRef, dict[int, int]]] = {}
         for node, destination in balanced_moves(destinations, actors, len(self.actors)).items():
-            source = int(actors[np.argmax(destinations == node)])
-            per_source.setdefault(source, {})[node] = destination
-        moving = {}
-        for source, moves in per_source.items():
+            moved = destinations == node
+            source = int(actors[moved][0])
+            actors[moved] = destination
+            self._placement[np.searchsorted(self.node_ids, node)] = destination
+            moving.setdefault(source, (None, {}))[1][node] = destination  # type: ignore[arg-type]
+        for source, (_, moves) in moving.items():
             request = pack(list(moves))
             self._traffic[0] += len(request)
             moving[source] = (self.actors[source].take_states.remote(request), moves)
         return moving
 
-    def _finish_moves(
-        self,
-        moving: dict[int, tuple[ray.ObjectRef, dict[int, int]]],
-        destinations: np.ndarray,
-        actors: np.ndarray,
-    ) -> dict[int, dict[int, RecordDict]]:
-        """Complete `_start_moves`: each moved node's messages go to its new actor (`actors`,
-        changed in place) with its state: destination actor -> {node: state}. A source that
-        cannot give its states (it died) keeps its nodes, and its call meets the recovery."""
-        arrivals: dict[int, dict[int, RecordDict]] = {}
-        for ref, moves in moving.values():
-            try:
-                packed = ray.get(ref)
-            except ray.exceptions.RayError:
-                continue
-            self._traffic[1] += len(packed)
-            states = unpack(packed)
-            for node, destination in moves.items():
-                self._placement[np.searchsorted(self.node_ids, node)] = destination
-                actors[destinations == node] = destination
-                if node in states:  # a node that never ran has no context to move
-                    arrivals.setdefault(destination, {})[node] = states[node]
-        return arrivals
+    def _send(self, call: _Call, rounds: list[int]) -> None:
+        """Fill in `call`'s arguments and per-message arrays (`rounds`: each message's server
+        round) and submit it."""
+        call.arguments = pack((call.batch, call.plan, call.arriving))
+        call.sent_bytes = sum(call.content_bytes.values()) + len(call.arguments)
+        call.node_ids = np.fromiter((m.dst_node_id for m, _ in call.batch), np.int64)
+        call.rounds = np.asarray(rounds, dtype=np.int64)
+        call.trains = np.fromiter(
+            (m.message_type == MessageType.TRAIN for m, _ in call.batch), bool, len(call.batch)
+        )
+        self._loads[call.actor] += len(call.batch)
+        self._submit(call)
 
-    def take_loads(self) -> list[int]:
-        """How many messages each actor was sent since the last call (its load)."""
-        loads, self._loads = self._loads.tolist(), np.zeros(len(self.actors), np.int64)
-        return loads
+    def _retry_unrun(self, call: _Call, unrun: list[int]) -> None:
+        """The messages at `unrun` in `call` were not run: their nodes' states never arrived from
+        the actor they were moving from, which died. With the recovery, the nodes get their
+        states as that actor's replacement would (`ActorRecovery.restore_moved`) and the messages
+        run again on the same actor; without, they fail."""
+        keys = {key for _, key in (call.batch[p] for p in unrun)}
+        again = _Call(
+            call.actor,
+            self.actors[call.actor],
+            [call.batch[p] for p in unrun],
+            {key: call.contents[key] for key in keys},
+            call.plan,
+            {},
+            {},
+            {key: call.content_bytes[key] for key in keys},
+            [call.message_ids[p] for p in unrun],
+        )
+        nodes = call.node_ids[unrun]
+        sources = sorted({call.arriving[int(node)] for node in nodes})
+        if self.recovery is None:
+            self._fail(
+                again, f"actor failed: actor {sources[0]}, which held the client's state, died"
+            )
+            return
+        try:
+            for source in sources:
+                mine = np.asarray([n for n in nodes.tolist() if call.arriving[n] == source])
+                self.recovery.restore_moved(again.handle, call.actor, mine, source)
+        except ray.exceptions.RayError as exc:
+            self._fail(again, f"actor failed: {type(exc).__name__}: {_first_line(exc)}")
+            return
+        self._send(again, call.rounds[unrun].tolist())
 
     def _submit(self, call: _Call) -> None:
-        ref = call.handle.handle.remote(call.arguments, call.contents)
+        ref = call.handle.handle.remote(call.arguments, call.contents, call.arrivals)
         self._in_flight[ref] = call
         self._traffic[0] += call.sent_bytes
 
@@ -353,13 +377,24 @@ class RayGrid(Grid):
     def _deliver(self, call: _Call, result: ActorResult) -> None:
         replies, total = result.replies, result.total
         self.actor_peak_rss[call.actor] = result.peak_rss
+        # The moved states came from their actor through the driver (Ray keeps small results
+        # with their caller) to this one.
+        self._traffic[0] += result.arrived_bytes
+        self._traffic[1] += result.arrived_bytes
         # An actor's messages time out together (one call): a late sum is dropped with them.
         if total is not None and total.count and call.message_ids[0] not in self._abandoned:
             self._sums.append(total)
+        run = np.ones(len(call.batch), bool)
+        if result.unrun:
+            run[result.unrun] = False
+            self._retry_unrun(call, result.unrun)
         if self.recovery is not None:
             answered = np.fromiter((not r.has_error() for r in replies), bool, len(replies))
-            self.recovery.journal.record(call.node_ids, call.rounds, call.trains & answered)
-        for message_id, reply in zip(call.message_ids, replies, strict=True):
+            self.recovery.journal.record(
+                call.node_ids[run], call.rounds[run], call.trains[run] & answered
+            )
+        message_ids = [m for m, ran in zip(call.message_ids, run, strict=True) if ran]
+        for message_id, reply in zip(message_ids, replies, strict=True):
             if message_id in self._abandoned:
                 self._abandoned.discard(message_id)
             else:
@@ -404,9 +439,6 @@ class RayGrid(Grid):
         else:
             times = "time" if call.attempt == 1 else "times"
             self._fail(call, f"actor died: {cause}; retried {call.attempt} {times}")
-
-
-_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
 
 
 def balanced_moves(nodes: np.ndarray, actors: np.ndarray, num_actors: int) -> dict[int, int]:

@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 MAX_LISTED = 1000  # a report lists at most this many moved clients (it always counts them)
 
 
+def _counts(plan: RestorePlan) -> str:
+    """How the plan's states were had, for a log line ("2 rebuilt, 1 empty")."""
+    return ", ".join(f"{count} {how}" for how, count in plan.how.items() if count)
+
+
 class ClientJournal:
     """What the driver saw each node's actor finish: the last round of any message a node
     answered, and the rounds in which it trained (answered a train message without error).
@@ -139,12 +144,46 @@ class ActorRecovery:
         except BaseException:
             kill_actors([actor])
             raise
+        self._report(index, cause, node_ids, plan, attempt=attempt, resent=resent)
+        logger.warning(
+            "client actor %d died (%s); replaced, %d clients moved (state: %s)",
+            index,
+            cause,
+            len(node_ids),
+            _counts(plan),
+        )
+        return actor
+
+    def restore_moved(
+        self, actor: ray.actor.ActorHandle, index: int, node_ids: np.ndarray, source: int
+    ) -> None:
+        """Give actor `index` (`actor`) the states of `node_ids`, which were moving to it from
+        actor `source` when that one died (`RayGrid`'s `balance`), as a replacement gets them.
+
+        Raises a `RayError` when the actor cannot take them.
+        """
+        plan = self.plan(node_ids)
+        ray.get(actor.restore_states.remote(plan.states, plan.trained))
+        cause = "it died before handing over the states of clients moving to another actor"
+        self._report(source, cause, node_ids, plan, attempt=0, resent=True, moved_to=index)
+        logger.warning(
+            "client actor %d died before handing over %d clients; their states were restored on "
+            "actor %d (state: %s)",
+            source,
+            len(node_ids),
+            index,
+            _counts(plan),
+        )
+
+    def _report(
+        self, index: int, cause: str, node_ids: np.ndarray, plan: RestorePlan, **more: Any
+    ) -> None:
+        """Keep the report of restoring `node_ids`, the clients of dead actor `index`."""
         clients = partition_of(node_ids)
         report: dict[str, Any] = {
             "actor": index,
             "cause": cause,
-            "attempt": attempt,
-            "resent": resent,
+            **more,
             "num_clients": len(clients),
             "clients": clients[:MAX_LISTED].tolist(),
             "state": plan.how,
@@ -155,14 +194,6 @@ class ActorRecovery:
         if plan.lost_keys:
             report["lost_keys"] = sorted(plan.lost_keys)
         self._reports.append(report)
-        logger.warning(
-            "client actor %d died (%s); replaced, %d clients moved (state: %s)",
-            index,
-            cause,
-            len(clients),
-            ", ".join(f"{count} {how}" for how, count in plan.how.items() if count),
-        )
-        return actor
 
     def plan(self, node_ids: np.ndarray) -> RestorePlan:
         """Where the state of each of `node_ids` comes from (see the module docstring)."""

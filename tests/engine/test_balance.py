@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from fedcl.config import load_config, to_container
 from fedcl.engine.flower_compat import make_run, node_id_of, set_server_identity
 from fedcl.engine.grid import RayGrid, balanced_moves
-from fedcl.engine.loop import start_client_actors
+from fedcl.engine.loop import actor_factory
+from fedcl.engine.recovery import ActorRecovery
 from fedcl.models import build_model
 from fedcl.protocol import STATE_KEY
 from fedcl.scenario.datasets import load_dataset
@@ -58,23 +59,25 @@ def test_moves_even_out_the_load_with_the_fewest_moves(num_actors, pushes):
 
 
 @contextmanager
-def balanced_grid(num_clients: int, run_id: int) -> Iterator[RayGrid]:
-    """A balancing RayGrid of `num_clients` nodes over 2 fresh actors, killed afterwards."""
+def balanced_grid(num_clients: int, run_id: int, *, recover: bool = False) -> Iterator[RayGrid]:
+    """A balancing RayGrid of `num_clients` nodes over 2 fresh actors (with `recover`: which a
+    recovery replaces when they die), killed afterwards."""
     cfg = load_config(
         None, [f"clients.num={num_clients}", "scenario.num_tasks=1", "engine.vectorize=off"]
     )
     dataset = load_dataset("digits")
     scenario = build_scenario(cfg, dataset)
     set_server_identity(run_id=run_id)
-    actors = start_client_actors(to_container(cfg), dataset, scenario, run_id, num_actors=2)
+    factory = actor_factory(to_container(cfg), dataset, scenario, run_id, None)
+    node_ids = node_id_of(np.arange(num_clients))
+    recovery = ActorRecovery(factory, node_ids, max_retries=1) if recover else None
+    grid = RayGrid(factory.start(2), node_ids, make_run(run_id), recovery=recovery, balance=True)
     model = build_model("mlp", dataset.input_shape, dataset.num_classes)
-    node_ids = [node_id_of(c) for c in range(num_clients)]
-    grid = RayGrid(actors, node_ids, make_run(run_id), balance=True)
     grid.initial = ArrayRecord(model.state_dict())
     try:
         yield grid
     finally:
-        for actor in actors:
+        for actor in grid.actors:
             ray.kill(actor)
 
 
@@ -115,15 +118,35 @@ def moved_clients_keep_their_state(grid: RayGrid) -> None:
     assert [grid.actor_of(n) for n in grid.get_node_ids()] != first_placement
 
 
-def test_a_source_that_died_keeps_its_nodes(ray_session):
+def test_clients_whose_source_died_fail_without_a_recovery(ray_session):
     with balanced_grid(6, run_id=8) as grid:
         ray.kill(grid.actors[0])
         nodes = [node_id_of(c) for c in (0, 2, 4)]  # all on the dead actor 0
         replies = grid.send_and_receive(train_messages(grid, nodes, 1))
-        assert all(reply.has_error() for reply in replies)
-        assert all("actor failed" in reply.error.reason for reply in replies)
-        assert [grid.actor_of(n) for n in nodes] == [0, 0, 0]  # not moved: no state to move
-        assert grid.take_loads() == [3, 0]
+        reasons = [reply.error.reason for reply in replies]
+        assert all(reason.startswith("actor failed") for reason in reasons)
+        # Node 1004 moved to actor 1, whose call found its state missing.
+        assert "actor 0, which held the client's state, died" in reasons[2]
+        assert [grid.actor_of(n) for n in nodes] == [0, 0, 1]
+        assert grid.take_loads() == [2, 1]
+
+
+def test_clients_whose_source_died_are_restored_where_they_moved(ray_session):
+    with balanced_grid(6, run_id=9, recover=True) as grid:
+        everyone = grid.get_node_ids()
+        assert not any(
+            r.has_error() for r in grid.send_and_receive(train_messages(grid, everyone, 1))
+        )
+        ray.kill(grid.actors[0])
+        nodes = [node_id_of(c) for c in (0, 2, 4)]  # all on the dead actor 0
+        replies = grid.send_and_receive(train_messages(grid, nodes, 2))
+        assert not any(reply.has_error() for reply in replies)
+        # Their states were rebuilt (the default ClientApp's): their second training, not a first.
+        assert [reply.content["metrics"]["train-count"] for reply in replies] == [2, 2, 2]
+        reports = {tuple(r["clients"]): r for r in grid.take_replacements()}
+        assert set(reports) == {(0, 2), (4,)}
+        assert reports[(4,)]["moved_to"] == 1 and reports[(4,)]["actor"] == 0
+        assert reports[(4,)]["state"]["rebuilt"] == 1
 
 
 def test_balanced_runs_give_the_metrics_of_one_actor(tmp_path, ray_session):

@@ -52,7 +52,7 @@ class _Spy:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         submit, deliver, take = RayGrid._submit, RayGrid._deliver, RayGrid.take_traffic
-        finish_moves = RayGrid._finish_moves
+        start_moves = RayGrid._start_moves
         spy = self
 
         def spy_submit(grid, call):
@@ -60,19 +60,22 @@ class _Spy:
                 stored = ray.get(ref)
                 assert isinstance(unpack(stored), RecordDict)
                 spy.sent += len(stored)
-            spy.sent += len(pack((call.batch, call.plan, call.arrivals)))
+            spy.sent += len(pack((call.batch, call.plan, call.arriving)))
             return submit(grid, call)
 
         def spy_deliver(grid, call, result):
             spy.received += len(pack(result))
             return deliver(grid, call, result)
 
-        def spy_finish_moves(grid, moving, *args):
-            for ref, moves in moving.values():  # a moved client's state: up, then down
+        def spy_start_moves(grid, *args):
+            moving = start_moves(grid, *args)
+            for ref, moves in moving.values():
                 spy.sent += len(pack(list(moves)))
-                spy.received += len(ray.get(ref))
+                states = len(ray.get(ref))  # moved clients' states: up, then down again
+                spy.received += states
+                spy.sent += states
                 spy.moves += len(moves)
-            return finish_moves(grid, moving, *args)
+            return moving
 
         def spy_take(grid):
             counted = take(grid)
@@ -83,7 +86,7 @@ class _Spy:
         monkeypatch.setattr(RayGrid, "_submit", spy_submit)
         monkeypatch.setattr(RayGrid, "_deliver", spy_deliver)
         monkeypatch.setattr(RayGrid, "take_traffic", spy_take)
-        monkeypatch.setattr(RayGrid, "_finish_moves", spy_finish_moves)
+        monkeypatch.setattr(RayGrid, "_start_moves", spy_start_moves)
 
 
 @pytest.fixture(scope="module")
