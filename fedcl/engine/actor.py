@@ -144,7 +144,10 @@ class ClientActor:
         unrun = [i for i, (metadata, _) in enumerate(batch) if metadata.dst_node_id in lost]
         if unrun:
             batch = [entry for entry in batch if entry[0].dst_node_id not in lost]
-        result = self.run_batch(batch, contents, plan) if batch else ActorResult([], None, 0)
+        if batch:
+            result = self.run_batch(batch, contents, plan)
+        else:
+            result = ActorResult([], None, peak_rss_bytes())
         return pack(dataclasses.replace(result, unrun=unrun, arrived_bytes=arrived_bytes))
 
     def _take_over(
@@ -152,7 +155,7 @@ class ClientActor:
     ) -> tuple[set[int], int]:
         """Import the states of the nodes `arriving` from the other actors' `take_states`
         results (`arrivals`, by actor); return the nodes whose states could not be had (their
-        actor died before handing them over) and the bytes of those that arrived."""
+        actor died, or failed, before handing them over) and the bytes of those that arrived."""
         lost: set[int] = set()
         arrived_bytes = 0
         for source, ref in arrivals.items():

@@ -10,8 +10,10 @@ A node starts on actor (its partition id) mod A; its `Context` stays on the acto
 With `balance`, a push whose messages fall unevenly on the actors moves nodes, each with its
 `Context.state`, from the busiest actors to the idlest until no actor has more than one message
 over another: a round lasts as long as its busiest actor. The busy actor hands the states over
-(`take_states`) while the idle one's call is on its way, which fetches them itself; should the
-busy one die first, those messages go back to it, and so to the recovery.
+(`take_states`) while the idle one's call is on its way, which fetches them itself. Should the
+busy one die first, the idle one leaves those messages aside; with a recovery, the nodes get
+their states there as a replacement would (`ActorRecovery.restore_moved`) and run again, else
+their messages fail.
 
 With an `ActorRecovery`, a dead actor is replaced, its nodes move to the replacement with their
 state, and its unanswered calls are sent again, at most `max_retries` times; after that, their
@@ -290,14 +292,14 @@ class RayGrid(Grid):
         are taken from idle actors, not from one whose earlier (perhaps timed-out) call runs."""
         if self._in_flight or len(self.actors) < 2:
             return {}
-        moving: dict[int, tuple[ray.ObjectRef, dict[int, int]]] = {}
+        per_source: dict[int, dict[int, int]] = {}
         for node, destination in balanced_moves(destinations, actors, len(self.actors)).items():
             moved = destinations == node
-            source = int(actors[moved][0])
+            per_source.setdefault(int(actors[moved][0]), {})[node] = destination
             actors[moved] = destination
             self._placement[np.searchsorted(self.node_ids, node)] = destination
-            moving.setdefault(source, (None, {}))[1][node] = destination  # type: ignore[arg-type]
-        for source, (_, moves) in moving.items():
+        moving = {}
+        for source, moves in per_source.items():
             request = pack(list(moves))
             self._traffic[0] += len(request)
             moving[source] = (self.actors[source].take_states.remote(request), moves)
