@@ -33,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and sampling")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fedcl config override for every fedcl row (repeatable), e.g. engine.balance=false: "
+        "compare a setting side by side with a run without it",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=None, help="seconds allowed per row (default 300; 3600)"
     )
 
@@ -41,6 +49,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark `args` describe, print the table; 0 if every row ran, else 1."""
     from fedcl.bench.report import format_table
     from fedcl.bench.runner import run_bench
+    from fedcl.errors import ConfigError
 
     engines = [name.strip() for name in args.engines.split(",")] if args.engines else None
     if args.rounds is not None and args.rounds < 2:
@@ -54,11 +63,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             out=args.out,
             timeout_s=args.timeout,
+            fedcl_overrides=args.set,
             workloads=[name.strip() for name in args.workloads.split(",")]
             if args.workloads
             else None,
         )
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         print(f"fedcl: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report["rows"]))

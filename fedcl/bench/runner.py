@@ -93,13 +93,17 @@ def _run_row(
     generate_s: float,
     timeout_s: float,
     has_vectorize: bool,
+    fedcl_overrides: list[str],
 ) -> dict[str, Any]:
+    overrides = engine.overrides(has_vectorize)
+    if engine.kind == "fedcl":
+        overrides += fedcl_overrides
     request = {
         "engine": engine.kind,
         "workload": workload.to_dict(),
         "data": str(data_folder),
         "num_actors": engine.num_actors,
-        "overrides": engine.overrides(has_vectorize),
+        "overrides": overrides,
     }
     run = run_worker(request, data_folder.parent / "workers", timeout_s=timeout_s)
     row: dict[str, Any] = {
@@ -144,6 +148,7 @@ def run_bench(
     timeout_s: float | None = None,
     progress: bool = True,
     workloads: Sequence[str] | None = None,
+    fedcl_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the benchmark and return its report: `machine`, `settings`, `notes` and `rows`.
 
@@ -151,6 +156,8 @@ def run_bench(
     `Workload.key` (default all); `out` is the JSON file written
     (None: none); `timeout_s` bounds each row's process (default 300 s quick, 3600 s full);
     progress goes to stderr. A row that fails is kept with `ok: false` and its error.
+    `fedcl_overrides` ("key=value") go to every fedcl row after its own; they are checked
+    against fedcl's config first (`ConfigError`, before anything runs).
     """
     chosen = [e for e in ENGINES if engines is None or e.name in engines]
     unknown = sorted(set(engines or ()) - set(ENGINE_NAMES))
@@ -158,6 +165,11 @@ def run_bench(
         valid = ", ".join(ENGINE_NAMES)
         raise ValueError(f"unknown engine(s) {', '.join(unknown)}; valid: {valid}")
     timeout = timeout_s or (300.0 if quick else 3600.0)
+    fedcl_overrides = list(fedcl_overrides)
+    if fedcl_overrides:
+        from fedcl.config import load_config
+
+        load_config(None, fedcl_overrides)  # a wrong key or value fails here, by name
     notes = [
         "Timings are wall-clock on a machine that may be shared: treat them as noisy.",
         "s/round: median of the rounds after the first; updates/s = clients per round / s/round.",
@@ -185,6 +197,8 @@ def run_bench(
     elif "fedcl-vectorized" in (e.name for e in chosen):
         chosen = [e for e in chosen if e.name != "fedcl-vectorized"]
         notes.append("fedcl vectorized: skipped, fedcl's config has no engine.vectorize yet.")
+    if fedcl_overrides:
+        notes.append(f"fedcl rows also: {' '.join(fedcl_overrides)} (--set).")
     available = bench_workloads(quick, rounds, seed)
     missing = sorted(set(workloads or ()) - {w.key for w in available})
     if missing:
@@ -198,6 +212,7 @@ def run_bench(
             "rounds": rounds,
             "seed": seed,
             "engines": [e.name for e in chosen],
+            "fedcl_overrides": fedcl_overrides,
             "workloads": [w.to_dict() for w in picked],
         },
         "notes": notes,
@@ -215,7 +230,9 @@ def run_bench(
                 done += 1
                 _say(f"({done}/{total}) {workload.label}: {engine.label} ...", progress)
                 generated = data.generate_s if regenerates else 0.0
-                row = _run_row(engine, workload, folder, generated, timeout, has_vectorize)
+                row = _run_row(
+                    engine, workload, folder, generated, timeout, has_vectorize, fedcl_overrides
+                )
                 row["data_s"] = data.generate_s
                 report["rows"].append(row)
                 _say(

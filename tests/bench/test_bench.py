@@ -144,3 +144,25 @@ def test_workloads_are_picked_by_key_and_unknown_ones_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown workload(s) 7-7-mlp9; valid: 20-5-mlp256" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_set_overrides_reach_the_fedcl_rows_and_a_wrong_key_stops_the_bench(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "set.json"
+    overrides = ["--set", "engine.num_actors=1", "--set", "engine.balance=false"]
+    args = parser.parse_args(["--quick", "--engines", "lean,fedcl", *overrides, "--out", str(out)])
+    assert run_from_args(args) == 0
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["fedcl"]["cores"] == 1  # the row for "as many actors as fit" ran on 1
+    assert rows["fedcl"]["overrides"][-2:] == ["engine.num_actors=1", "engine.balance=false"]
+    assert rows["lean"]["overrides"] == []
+    assert report["settings"]["fedcl_overrides"] == ["engine.num_actors=1", "engine.balance=false"]
+    assert "engine.balance=false" in capsys.readouterr().out  # in the printed notes
+
+    wrong = ["--quick", "--engines", "lean", "--set", "engine.balanse=false"]
+    assert run_from_args(parser.parse_args([*wrong, "--out", str(tmp_path / "y")])) == 2
+    error = capsys.readouterr().err
+    assert "engine.balanse" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
