@@ -101,15 +101,8 @@ class ArraySum:
 
     def add(self, arrays: ArrayRecord, weight: float) -> None:
         """Add `weight` × `arrays`."""
-        values = {name: values_of(array) for name, array in arrays.items()}
-        kernels = compiled_kernels(sum(array.size for array in values.values()))
-        for name, array in values.items():
-            if kernels is not None and array.dtype in COMPILED_DTYPES:
-                self._add_compiled(kernels, name, array[np.newaxis], [0], [weight])
-            else:
-                self._add_values(name, array, weight)
-        self.weight += weight
-        self.count += 1
+        stacked = {name: values_of(array)[np.newaxis] for name, array in arrays.items()}
+        self.add_rows(stacked, [0], [weight])
 
     def add_rows(
         self, arrays: Mapping[str, np.ndarray], rows: Sequence[int], weights: Sequence[float]
