@@ -157,7 +157,11 @@ class RayGrid(Grid):
 
     def actor_of(self, node_id: int) -> int:
         """Index of the actor that serves node `node_id` now (and holds its `Context`)."""
-        return int(self._placement[np.searchsorted(self.node_ids, node_id)])
+        return int(self._actors_of(np.asarray(node_id)))
+
+    def _actors_of(self, node_ids: np.ndarray) -> np.ndarray:
+        """The actor serving each of the known `node_ids` now."""
+        return self._placement[np.searchsorted(self.node_ids, node_ids)]
 
     def push_messages(
         self, messages: Iterable[Message], *, plan: SumPlan | None = None
@@ -169,7 +173,7 @@ class RayGrid(Grid):
             (m.metadata.dst_node_id for m in messages), np.int64, len(messages)
         )
         self._check_known(np.unique(destinations))
-        actors = self._placement[np.searchsorted(self.node_ids, destinations)]
+        actors = self._actors_of(destinations)
         moving = self._start_moves(destinations, actors) if self.balance else {}
         contents: dict[int, ray.ObjectRef] = {}
         sizes: dict[int, int] = {}  # content key -> bytes of its pickled form
@@ -272,7 +276,7 @@ class RayGrid(Grid):
         resume from a checkpoint); the other nodes keep theirs."""
         nodes = np.fromiter(states, np.int64, len(states))
         self._check_known(np.unique(nodes))
-        actors = self._placement[np.searchsorted(self.node_ids, nodes)]
+        actors = self._actors_of(nodes)
         per_actor: dict[int, dict[int, RecordDict]] = {}
         for node, actor in zip(nodes.tolist(), actors.tolist(), strict=True):
             per_actor.setdefault(actor, {})[node] = states[node]
